@@ -1,0 +1,650 @@
+// conn.go owns one WebSocket connection's life: the upgrade, the reading
+// of frames, the queue of frames to send, keepalive pings, and closing.
+//
+// Each connection has exactly one goroutine that reads it. Frames to send
+// are appended to the connection's outbox, which never blocks: a writer
+// goroutine is started when the outbox gets its first frame and exits when
+// it is empty, so an idle connection costs one goroutine, not two. Frames
+// leave in the order they were queued, and none leaves before the journal
+// holds what it reports (store.go). A client that does not keep up, so
+// that its outbox outgrows its limit, is disconnected; it never slows
+// anyone else.
+//
+// golang.org/x/net/websocket does the opening handshake and reads and
+// writes single frames. Two things it does not do are done here: it gives
+// no way to see a frame's FIN bit, so the header is peeked to reassemble
+// fragmented messages (RFC 6455 §5.4); and it has no ping call, so pings
+// are written as frames with the ping opcode by the writer goroutine.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// Connection limits and timeouts. Tests may set shorter ones on the
+// server (see server's fields).
+const (
+	// maxMessageBytes is the largest client message, reassembled. Real
+	// messages are under a few KiB, and wormhole-william cannot receive a
+	// message over 32 KiB, so nothing larger could be relayed to it.
+	maxMessageBytes = 32 << 10
+
+	// maxOutboxBytes bounds what may wait to be written to one client:
+	// room for replaying a full mailbox (MaxMailboxBytes) and then some.
+	// A client that falls this far behind is disconnected.
+	maxOutboxBytes = 2 << 20
+
+	// writeTimeout is how long one frame may take to write. A client that
+	// reads slower than this is disconnected.
+	writeTimeout = 10 * time.Second
+
+	// pingInterval is how often the server pings every connection, as the
+	// reference does (every 60 s), so NATs and proxies keep idle
+	// connections open and dead peers are found by failed writes.
+	pingInterval = 60 * time.Second
+
+	// idleTimeout is how long a connection may send nothing, not even a
+	// pong, before it is dropped. Every client answers pings, so only
+	// dead ones reach it; it is longer than the 11-minute channel expiry
+	// so that a waiting client is never cut off before its channel.
+	idleTimeout = 12 * time.Minute
+
+	// readBufferSize and writeBufferSize size each connection's buffers:
+	// enough for a typical whole frame, so most frames take one system
+	// call, and small, because idle connections are what a mailbox server
+	// mostly holds.
+	readBufferSize  = 1 << 10
+	writeBufferSize = 1 << 10
+
+	// closeTimeout is how long the server, having sent a close frame,
+	// reads (and discards) what the client still sends, waiting for it to
+	// close too, as the reference does (1 s). Closing a socket with unread
+	// data would reset the connection and could lose the close frame.
+	closeTimeout = time.Second
+
+	// maxLingerBytes bounds what is read and discarded during closeTimeout.
+	maxLingerBytes = 1 << 20
+
+	// maxControlPayload is the largest ping, pong or close payload (RFC
+	// 6455 §5.5).
+	maxControlPayload = 125
+)
+
+// Close status codes (RFC 6455 §7.4.1).
+const (
+	closeNormal       = 1000
+	closeGoingAway    = 1001
+	closeProtocol     = 1002
+	closeBadData      = 1007
+	closePolicy       = 1008
+	closeTooBig       = 1009
+	closeInternalFail = 1011
+)
+
+// Reasons a connection ends, for the log and the "dropped" counter.
+var (
+	errClientClosed = errors.New("client closed")
+	errTooBig       = errors.New("message too large")
+	errBadFrame     = errors.New("protocol violation")
+	errSlowClient   = errors.New("client not reading")
+	errShutdown     = errors.New("server shutting down")
+)
+
+// clientAddr is where a client connects from: its TCP peer address, or
+// the address a trusted proxy reported (--trust-proxy-header).
+type clientAddr struct {
+	ip   netip.Addr
+	port uint16 // 0 when unknown
+}
+
+func (a clientAddr) String() string {
+	if a.port == 0 {
+		return a.ip.String()
+	}
+	return netip.AddrPortFrom(a.ip, a.port).String()
+}
+
+// outFrame is one frame waiting in an outbox.
+type outFrame struct {
+	opcode byte   // websocket.TextFrame, PingFrame, PongFrame or CloseFrame
+	data   []byte // the payload
+	lsn    uint64 // the journal position that must be durable first
+}
+
+// connection is one client's WebSocket connection.
+type connection struct {
+	session // the protocol state (protocol.go)
+
+	ws       *websocket.Conn
+	netConn  net.Conn
+	br       *bufio.Reader // what ws reads frames from; peeked for headers
+	openedAt time.Time
+
+	// outMu guards the outbox and the fields after it.
+	outMu     sync.Mutex
+	outbox    []outFrame
+	outBytes  int
+	flushing  bool          // a writer goroutine is running
+	closing   bool          // a close frame is queued, or the connection failed: queue nothing more
+	flushDone chan struct{} // closed when the writer exits, if someone waits
+	endReason error         // why the server ended the connection, if it did
+	pinger    *time.Timer   // sends the next keepalive ping
+}
+
+// serveWebSocket upgrades a request on /v1 to a WebSocket connection and
+// runs it. The connection is taken from net/http (hijacked) and served
+// by a goroutine of its own, so that net/http's per-connection buffers
+// and request state are freed while the client waits, which may be for
+// many minutes.
+func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
+	if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
+		http.Error(w, "This is the Magic Wormhole mailbox server's WebSocket endpoint; use a wormhole client.", http.StatusUpgradeRequired)
+		return
+	}
+	addr, ok := srv.clientAddr(r)
+	if !ok {
+		http.Error(w, "cannot tell the client's address", http.StatusBadRequest)
+		return
+	}
+	netConn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		http.Error(w, "cannot upgrade this connection", http.StatusInternalServerError)
+		return
+	}
+	var rd io.Reader = netConn
+	if n := brw.Reader.Buffered(); n > 0 { // the client sent more right after its request
+		early, _ := brw.Reader.Peek(n)
+		rd = io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
+	}
+	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
+	c.session = session{srv: srv, out: c, addr: addr}
+	handshake := handshakeRequest(r)
+	srv.connWG.Add(1)
+	go func() {
+		defer srv.connWG.Done()
+		ws := websocket.Server{
+			Config:    websocket.Config{Header: http.Header{"Server": {srv.serverHeader}}},
+			Handshake: func(*websocket.Config, *http.Request) error { return nil }, // any Origin, or none
+			Handler:   c.run,
+		}
+		ws.ServeHTTP(&hijacked{conn: netConn, rw: bufio.NewReadWriter(c.br, bufio.NewWriterSize(netConn, writeBufferSize))}, handshake)
+	}()
+}
+
+// handshakeRequest copies what the WebSocket handshake needs from r, so
+// the rest of the request can be freed. The subprotocol header is left
+// out: the server never selects one.
+func handshakeRequest(r *http.Request) *http.Request {
+	h := &http.Request{Method: r.Method, URL: r.URL, Host: r.Host, RequestURI: r.RequestURI, Header: http.Header{}}
+	for _, k := range []string{"Upgrade", "Connection", "Sec-Websocket-Key", "Sec-Websocket-Version", "Origin"} {
+		if v, ok := r.Header[k]; ok {
+			h.Header[k] = v
+		}
+	}
+	if r.TLS != nil {
+		h.TLS = &tls.ConnectionState{} // only its presence matters: the location is wss://
+	}
+	return h
+}
+
+// hijacked is the http.ResponseWriter x/net/websocket is given: the
+// connection is already taken from net/http, so it only hands it over.
+type hijacked struct {
+	conn net.Conn
+	rw   *bufio.ReadWriter
+}
+
+func (h *hijacked) Header() http.Header                          { return http.Header{} }
+func (h *hijacked) Write([]byte) (int, error)                    { return 0, http.ErrHijacked }
+func (h *hijacked) WriteHeader(int)                              {}
+func (h *hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+
+// clientAddr returns the address the client connects from.
+func (srv *server) clientAddr(r *http.Request) (clientAddr, bool) {
+	if srv.trustHeader != "" {
+		if v := r.Header.Get(srv.trustHeader); v != "" {
+			if i := strings.LastIndexByte(v, ','); i >= 0 { // X-Forwarded-For: the nearest proxy's view is last
+				v = v[i+1:]
+			}
+			ip, err := netip.ParseAddr(strings.TrimSpace(v))
+			if err != nil {
+				return clientAddr{}, false
+			}
+			port, _ := strconv.ParseUint(r.Header.Get("X-Real-Port"), 10, 16)
+			return clientAddr{ip: ip.Unmap(), port: uint16(port)}, true
+		}
+	}
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return clientAddr{}, false
+	}
+	return clientAddr{ip: ap.Addr().Unmap(), port: ap.Port()}, true
+}
+
+// run is the connection's life after the handshake: welcome, then read
+// and handle messages until the client leaves or misbehaves.
+func (c *connection) run(ws *websocket.Conn) {
+	c.ws = ws
+	srv := c.srv
+	limitErr := srv.connected(c)
+	defer srv.disconnected(c)
+	srv.log.Debug("connection opened", "client", srv.logAddr(c.addr))
+
+	welcome := srv.welcome
+	if limitErr != "" {
+		welcome.signalError = limitErr
+	}
+	c.enqueue(welcomeFrame(welcome, c.addr), 0)
+	if limitErr != "" {
+		c.end(closePolicy, errors.New(limitErr))
+	} else {
+		c.outMu.Lock()
+		c.pinger = time.AfterFunc(srv.pingInterval, c.ping)
+		c.outMu.Unlock()
+		err := c.readLoop()
+		c.outMu.Lock()
+		c.pinger.Stop()
+		c.outMu.Unlock()
+		c.disconnected()
+		switch {
+		case errors.Is(err, errClientClosed):
+			c.end(closeNormal, err)
+		case errors.Is(err, errTooBig):
+			c.end(closeTooBig, err)
+		case errors.Is(err, errBadInput):
+			c.end(closeBadData, err)
+		case errors.Is(err, errBadFrame):
+			c.end(closeProtocol, err)
+		case err != nil && !isNetClose(err):
+			c.end(closeInternalFail, err)
+		default:
+			c.abort(err) // the client went away, or the server cut it off
+		}
+	}
+	c.waitFlushed()
+	c.linger()
+	reason := c.reason()
+	if reason != nil && !errors.Is(reason, errClientClosed) {
+		srv.metrics.drop(reason.Error())
+	}
+	srv.log.Debug("connection closed", "client", srv.logAddr(c.addr),
+		"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", reason)
+}
+
+// readLoop reads and handles messages until an error.
+func (c *connection) readLoop() error {
+	for {
+		msg, err := c.readMessage()
+		if err != nil {
+			return err
+		}
+		if c.srv.logMessages {
+			c.srv.log.Info("recv", "client", c.srv.logAddr(c.addr), "msg", shorten(msg))
+		}
+		if err := c.handle(msg); err != nil {
+			return err
+		}
+	}
+}
+
+// readMessage returns the next whole message, reassembling fragments,
+// answering pings and noting pongs on the way.
+func (c *connection) readMessage() ([]byte, error) {
+	var msg []byte
+	fragmented := false
+	for {
+		c.extendReadDeadline()
+		h, err := peekFrameHeader(c.br)
+		if err != nil {
+			return nil, err
+		}
+		control := h.opcode >= websocket.CloseFrame
+		switch {
+		case !h.masked || h.rsv != 0: // clients must mask, and no extension was agreed
+			return nil, errBadFrame
+		case control && (!h.fin || h.length > maxControlPayload):
+			return nil, errBadFrame
+		case !control && (h.opcode == websocket.ContinuationFrame) != fragmented:
+			return nil, errBadFrame // a continuation with nothing to continue, or a new message inside one
+		case !control && h.opcode != websocket.ContinuationFrame && h.opcode != websocket.TextFrame && h.opcode != websocket.BinaryFrame:
+			return nil, errBadFrame
+		case int64(len(msg))+h.length > int64(c.srv.maxMessageBytes):
+			return nil, errTooBig
+		}
+		frame, err := c.ws.NewFrameReader() // parses the header again and unmasks the payload
+		if err != nil {
+			return nil, err
+		}
+		if control { // may come between the fragments of a message
+			payload := make([]byte, h.length)
+			if _, err := io.ReadFull(frame, payload); err != nil {
+				return nil, err
+			}
+			switch h.opcode {
+			case websocket.CloseFrame:
+				return nil, errClientClosed
+			case websocket.PingFrame:
+				c.queue(outFrame{opcode: websocket.PongFrame, data: payload})
+			}
+			continue // a pong needs nothing more: as traffic, it moved the read deadline
+		}
+		start := len(msg)
+		msg = append(msg, make([]byte, h.length)...)
+		if _, err := io.ReadFull(frame, msg[start:]); err != nil {
+			return nil, err
+		}
+		if h.fin {
+			return msg, nil
+		}
+		fragmented = true
+	}
+}
+
+// frameHeader is what peekFrameHeader reads of a frame (RFC 6455 §5.2).
+type frameHeader struct {
+	fin    bool
+	rsv    byte
+	opcode byte
+	masked bool
+	length int64
+}
+
+// peekFrameHeader reads the next frame's header without consuming it.
+func peekFrameHeader(br *bufio.Reader) (frameHeader, error) {
+	b, err := br.Peek(2)
+	if err != nil {
+		return frameHeader{}, err
+	}
+	h := frameHeader{fin: b[0]&0x80 != 0, rsv: b[0] & 0x70, opcode: b[0] & 0x0f, masked: b[1]&0x80 != 0}
+	switch n := b[1] & 0x7f; n {
+	case 126:
+		if b, err = br.Peek(4); err == nil {
+			h.length = int64(binary.BigEndian.Uint16(b[2:]))
+		}
+	case 127:
+		if b, err = br.Peek(10); err == nil {
+			h.length = int64(binary.BigEndian.Uint64(b[2:]) & (1<<63 - 1))
+		}
+	default:
+		h.length = int64(n)
+	}
+	return h, err
+}
+
+// extendReadDeadline gives the client idleTimeout to send its next
+// frame, unless the connection is closing.
+func (c *connection) extendReadDeadline() {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if !c.closing {
+		c.netConn.SetReadDeadline(time.Now().Add(c.srv.idleTimeout))
+	}
+}
+
+// ping queues a ping, and schedules the next.
+func (c *connection) ping() {
+	c.queue(outFrame{opcode: websocket.PingFrame, data: []byte("wormhole")})
+	c.outMu.Lock()
+	if !c.closing {
+		c.pinger.Reset(c.srv.pingInterval)
+	}
+	c.outMu.Unlock()
+}
+
+// enqueue queues a text frame; it is the session's sender.
+func (c *connection) enqueue(frame []byte, lsn uint64) {
+	c.queue(outFrame{opcode: websocket.TextFrame, data: frame, lsn: lsn})
+}
+
+// queue adds a frame to the outbox and makes sure a writer runs. It never
+// blocks on the network, so it may be called with the registry locked.
+func (c *connection) queue(f outFrame) {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.closing {
+		return
+	}
+	if c.outBytes+len(f.data) > c.srv.maxOutboxBytes {
+		c.failLocked(errSlowClient)
+		return
+	}
+	c.outbox = append(c.outbox, f)
+	c.outBytes += len(f.data)
+	if f.opcode == websocket.CloseFrame {
+		c.closing = true
+	}
+	if !c.flushing {
+		c.flushing = true
+		go c.flush()
+	}
+}
+
+// flush is the writer goroutine: it writes the outbox until it is empty.
+func (c *connection) flush() {
+	for {
+		c.outMu.Lock()
+		batch := c.outbox
+		c.outbox, c.outBytes = nil, 0
+		if len(batch) == 0 {
+			c.flushing = false
+			if c.flushDone != nil {
+				close(c.flushDone)
+			}
+			c.outMu.Unlock()
+			return
+		}
+		c.outMu.Unlock()
+		if err := c.write(batch); err != nil {
+			c.abort(err)
+		}
+	}
+}
+
+// write sends a batch of frames, once the journal holds what they report.
+func (c *connection) write(batch []outFrame) error {
+	if err := c.srv.reg.journal.waitDurable(batch[len(batch)-1].lsn); err != nil {
+		return err
+	}
+	for _, f := range batch {
+		if c.srv.logMessages && f.opcode == websocket.TextFrame {
+			c.srv.log.Info("send", "client", c.srv.logAddr(c.addr), "msg", shorten(f.data))
+		}
+		c.netConn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		c.ws.PayloadType = f.opcode
+		if _, err := c.ws.Write(f.data); err != nil {
+			return err
+		}
+		c.srv.metrics.framesSent.Add(1)
+		if f.opcode == websocket.CloseFrame {
+			if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+			c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
+			return nil
+		}
+	}
+	return nil
+}
+
+// end queues a close frame with this status after whatever is queued.
+func (c *connection) end(status int, reason error) {
+	data := binary.BigEndian.AppendUint16(nil, uint16(status))
+	c.outMu.Lock()
+	if c.endReason == nil {
+		c.endReason = reason
+	}
+	c.outMu.Unlock()
+	c.queue(outFrame{opcode: websocket.CloseFrame, data: data})
+}
+
+// abort drops the connection at once, discarding the outbox.
+func (c *connection) abort(reason error) {
+	c.outMu.Lock()
+	c.failLocked(reason)
+	c.outMu.Unlock()
+}
+
+func (c *connection) failLocked(reason error) {
+	if c.endReason == nil {
+		c.endReason = reason
+	}
+	c.closing = true
+	c.outbox, c.outBytes = nil, 0
+	go c.netConn.Close() // Close never blocks, but the caller may hold the registry lock
+}
+
+// waitFlushed waits for the writer to finish, which a write timeout
+// bounds.
+func (c *connection) waitFlushed() {
+	c.outMu.Lock()
+	if !c.flushing {
+		c.outMu.Unlock()
+		return
+	}
+	c.flushDone = make(chan struct{})
+	done := c.flushDone
+	c.outMu.Unlock()
+	<-done
+}
+
+// linger reads and discards what the client sends for a short while, so
+// that the client reads the close frame and closes its end first.
+func (c *connection) linger() {
+	c.netConn.SetReadDeadline(time.Now().Add(closeTimeout))
+	io.Copy(io.Discard, io.LimitReader(c.br, maxLingerBytes))
+}
+
+func (c *connection) reason() error {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	return c.endReason
+}
+
+// isNetClose reports whether err just means the connection went away.
+func isNetClose(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || isTimeout(err)
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// shorten abbreviates a frame for the message log: long hex bodies are
+// cut, so the log shows the protocol, not the (encrypted) contents.
+func shorten(b []byte) string {
+	const max = 200
+	if len(b) <= max {
+		return string(b)
+	}
+	return fmt.Sprintf("%s…(%d bytes)", b[:max], len(b))
+}
+
+// limiter enforces the per-address limits: how many connections one
+// client address may have open, and how many new nameplates it may create
+// per minute. An IPv6 client is counted by its /64, since one host
+// usually has a whole /64 to pick addresses from.
+type limiter struct {
+	maxConns  int // 0: no limit
+	perMinute int // 0: no limit
+
+	mu      sync.Mutex
+	conns   map[netip.Addr]int
+	buckets map[netip.Addr]*bucket
+}
+
+// bucket is a token bucket of new nameplates: it holds up to perMinute
+// tokens and refills at perMinute a minute.
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newLimiter(maxConns, perMinute int) *limiter {
+	return &limiter{maxConns: maxConns, perMinute: perMinute,
+		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
+}
+
+// addrKey is the unit limits count by.
+func addrKey(ip netip.Addr) netip.Addr {
+	if ip.Is6() {
+		p, _ := ip.Prefix(64)
+		return p.Addr()
+	}
+	return ip
+}
+
+// connect counts a new connection; false means the address is over its
+// limit (the connection is still counted until disconnect).
+func (l *limiter) connect(ip netip.Addr) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := addrKey(ip)
+	l.conns[k]++
+	return l.maxConns == 0 || l.conns[k] <= l.maxConns
+}
+
+func (l *limiter) disconnect(ip netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := addrKey(ip)
+	if l.conns[k]--; l.conns[k] <= 0 {
+		delete(l.conns, k)
+	}
+}
+
+// allowNewNameplate takes a token from the address's bucket, if it has one.
+func (l *limiter) allowNewNameplate(ip netip.Addr) bool {
+	if l.perMinute == 0 {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	k := addrKey(ip)
+	b := l.buckets[k]
+	if b == nil {
+		b = &bucket{tokens: float64(l.perMinute), last: now}
+		l.buckets[k] = b
+	}
+	b.refill(now, l.perMinute)
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+func (b *bucket) refill(now time.Time, perMinute int) {
+	b.tokens = min(float64(perMinute), b.tokens+now.Sub(b.last).Minutes()*float64(perMinute))
+	b.last = now
+}
+
+// sweep forgets buckets that have refilled, which a new one equals.
+func (l *limiter) sweep() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	for k, b := range l.buckets {
+		if b.refill(now, l.perMinute); b.tokens >= float64(l.perMinute) {
+			delete(l.buckets, k)
+		}
+	}
+}

@@ -1,0 +1,502 @@
+// mailbox.go owns the registry: every app, nameplate, mailbox, side and
+// stored message, and which connections are subscribed to which mailbox.
+// One mutex guards all of it. Nothing here touches the network: sending is
+// done by handing encoded frames to a connection's outbox, which never
+// blocks (see conn.go).
+//
+// The rules are the reference server's (../shared/protocol.md §6, §7, §9):
+// a nameplate is a short name pointing at one mailbox; a mailbox holds an
+// append-only list of messages; at most two sides may share either; both
+// go away when every side has released or closed them, or when they have
+// been idle long enough to be pruned.
+package main
+
+import (
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/json"
+	mrand "math/rand/v2"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Registry limits. Each exists so that no client, however it behaves, can
+// make the server hold more than a bounded amount of state; the defaults are
+// far above what real transfers use (a file transfer stores under ten
+// messages of a few KiB) and are set with flags (see main.go).
+type limits struct {
+	// MaxNameplatesPerApp and MaxMailboxesPerApp bound one app namespace,
+	// so a flood in one app cannot exhaust the space other apps need.
+	MaxNameplatesPerApp int
+	MaxMailboxesPerApp  int
+	// MaxNameplates and MaxMailboxes bound the whole server.
+	MaxNameplates int
+	MaxMailboxes  int
+	// MaxMessagesPerMailbox and MaxMailboxBytes bound one mailbox; a
+	// Dilation session stores a few dozen small messages, a file transfer
+	// fewer than ten.
+	MaxMessagesPerMailbox int
+	MaxMailboxBytes       int
+	// MaxStoredBytes bounds the bodies of all stored messages together, so
+	// that memory stays bounded however many mailboxes are in use.
+	MaxStoredBytes int64
+}
+
+// defaultLimits are generous enough that no real client meets them and
+// small enough that a 1 GiB machine survives a flood.
+var defaultLimits = limits{
+	MaxNameplatesPerApp:   50_000,
+	MaxMailboxesPerApp:    50_000,
+	MaxNameplates:         100_000,
+	MaxMailboxes:          100_000,
+	MaxMessagesPerMailbox: 1_000,
+	MaxMailboxBytes:       1 << 20,
+	MaxStoredBytes:        256 << 20,
+}
+
+// crowdedSides is the number of distinct sides above which a nameplate or
+// mailbox is "crowded": a wormhole connects exactly two parties.
+const crowdedSides = 2
+
+// Allocation tries these many random names in 1000–999999 once every name
+// of up to three digits is taken, as the reference does (§6.1).
+const (
+	allocateRandomTries = 1000
+	allocateRandomMin   = 1000
+	allocateRandomMax   = 999_999
+)
+
+// A protocolError is a refusal that goes back to the client as an "error"
+// message carrying its text. Anything else is an internal error.
+type protocolError string
+
+func (e protocolError) Error() string { return string(e) }
+
+// registry holds all channel state. Methods whose names end in Locked must
+// be called with mu held.
+type registry struct {
+	limits    limits
+	allowList bool      // false: "list" answers with no nameplates (--disallow-list)
+	journal   *store    // where every change is recorded; nil keeps state in memory only
+	usage     *usageLog // where retired channels are summarised; nil when off
+	metrics   *metrics
+
+	// mu guards everything below, and the protocol state of every session.
+	mu            sync.Mutex
+	apps          map[string]*app
+	nameplateN    int   // nameplates in all apps
+	mailboxN      int   // mailboxes in all apps
+	storedBytes   int64 // bodies of all stored messages
+	subscriptions int   // (connection, mailbox) pairs, the reference's "connections_websocket"
+}
+
+// app is one application namespace (an appid). Apps are created on first
+// use and dropped when they hold nothing, so made-up appids cost nothing
+// once their channels are gone.
+type app struct {
+	id         string
+	nameplates map[string]*nameplate
+	mailboxes  map[string]*mailbox
+}
+
+// nameplate is the short name that points two sides at one mailbox.
+type nameplate struct {
+	name    string
+	mailbox *mailbox
+	sides   []nameplateSide
+}
+
+type nameplateSide struct {
+	side    string
+	claimed bool    // false once the side has released the nameplate
+	added   float64 // time of the side's first claim
+}
+
+// mailbox holds the messages two sides exchange.
+type mailbox struct {
+	app          *app
+	id           string
+	forNameplate bool    // created by a claim rather than by a bare open
+	updated      float64 // last activity; pruning deletes mailboxes idle too long
+	sides        []mailboxSide
+	messages     []message
+	bytes        int // bodies of messages, for the per-mailbox limit
+	subscribers  []*session
+	deleted      bool // set when removed from its app, so stale pointers are harmless
+}
+
+type mailboxSide struct {
+	side   string
+	opened bool    // false once the side has closed the mailbox
+	added  float64 // time of the side's first open (or claim)
+	mood   string  // what the side reported at close; "" if nothing
+}
+
+// message is one stored "add": what the side sent and when it arrived.
+type message struct {
+	side     string
+	phase    string
+	body     string
+	serverRx float64
+	id       json.RawMessage // the add's "id", any JSON value, echoed as received
+}
+
+// size is what a message counts against the mailbox and server limits.
+func (m message) size() int { return len(m.phase) + len(m.body) + len(m.id) }
+
+func newRegistry(l limits, allowList bool, journal *store, usage *usageLog, m *metrics) *registry {
+	return &registry{
+		limits:    l,
+		allowList: allowList,
+		journal:   journal,
+		usage:     usage,
+		metrics:   m,
+		apps:      make(map[string]*app),
+	}
+}
+
+// appLocked returns the app with this id, creating it if needed.
+func (r *registry) appLocked(id string) *app {
+	a := r.apps[id]
+	if a == nil {
+		a = &app{id: id, nameplates: make(map[string]*nameplate), mailboxes: make(map[string]*mailbox)}
+		r.apps[id] = a
+	}
+	return a
+}
+
+// dropIfEmptyLocked forgets an app that holds nothing any more.
+func (r *registry) dropIfEmptyLocked(a *app) {
+	if len(a.nameplates) == 0 && len(a.mailboxes) == 0 {
+		delete(r.apps, a.id)
+	}
+}
+
+// nameplateExistsLocked reports whether the app has a nameplate of this name.
+func (r *registry) nameplateExistsLocked(appID, name string) bool {
+	a := r.apps[appID]
+	return a != nil && a.nameplates[name] != nil
+}
+
+// listLocked returns the names of the app's nameplates sorted as strings,
+// as the reference does ("10" sorts before "2").
+func (r *registry) listLocked(appID string) []string {
+	a := r.apps[appID]
+	if !r.allowList || a == nil {
+		return nil
+	}
+	names := make([]string, 0, len(a.nameplates))
+	for name := range a.nameplates {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// allocateLocked picks a free nameplate (§6.1) and claims it for side.
+func (r *registry) allocateLocked(appID, side string, now float64) (string, error) {
+	a := r.appLocked(appID)
+	name, ok := freeNameplate(a.nameplates)
+	if !ok {
+		r.dropIfEmptyLocked(a)
+		return "", errNoFreeNameplate
+	}
+	if _, err := r.claimLocked(appID, name, side, now); err != nil {
+		return "", err
+	}
+	return name, nil
+}
+
+// freeNameplate chooses a random unused name, preferring the shortest: one
+// digit, then two, then three; past that a random number up to 999999.
+func freeNameplate(taken map[string]*nameplate) (string, bool) {
+	for low, high := 1, 9; high <= 999; low, high = low*10, high*10+9 {
+		var free []string
+		for n := low; n <= high; n++ {
+			if s := strconv.Itoa(n); taken[s] == nil {
+				free = append(free, s)
+			}
+		}
+		if len(free) > 0 {
+			return free[mrand.IntN(len(free))], true
+		}
+	}
+	for range allocateRandomTries {
+		s := strconv.Itoa(allocateRandomMin + mrand.IntN(allocateRandomMax-allocateRandomMin+1))
+		if taken[s] == nil {
+			return s, true
+		}
+	}
+	return "", false
+}
+
+// claimLocked claims nameplate name for side (§6.2) and returns the id of
+// its mailbox. A new name creates the nameplate and a new mailbox. Claiming
+// also opens the mailbox for the side. A third side gets errCrowded (its
+// claim is still recorded, as the reference does), and a side that already
+// released this nameplate gets errReclaimed.
+func (r *registry) claimLocked(appID, name, side string, now float64) (string, error) {
+	a := r.appLocked(appID)
+	np := a.nameplates[name]
+	if np == nil {
+		if err := r.roomForNameplateLocked(a); err != nil {
+			r.dropIfEmptyLocked(a)
+			return "", err
+		}
+		mb, err := r.createMailboxLocked(a, newMailboxID(a), true, now)
+		if err != nil {
+			r.dropIfEmptyLocked(a)
+			return "", err
+		}
+		np = &nameplate{name: name, mailbox: mb}
+		a.nameplates[name] = np
+		r.nameplateN++
+		r.metrics.nameplates.Add(1)
+	}
+	i := slices.IndexFunc(np.sides, func(s nameplateSide) bool { return s.side == side })
+	if i >= 0 && !np.sides[i].claimed {
+		return "", errReclaimed
+	}
+	if i < 0 {
+		np.sides = append(np.sides, nameplateSide{side: side, claimed: true, added: now})
+		r.journal.nameplate(a, np)
+	}
+	if _, err := r.openLocked(a, np.mailbox.id, side, now); err != nil {
+		return "", err
+	}
+	if len(np.sides) > crowdedSides {
+		return "", errCrowded
+	}
+	return np.mailbox.id, nil
+}
+
+// releaseLocked releases side's claim on a nameplate (§6.3). Unknown
+// nameplates and sides are ignored. When no side holds a claim any more the
+// nameplate is deleted; its mailbox stays until its sides close it.
+func (r *registry) releaseLocked(appID, name, side string, now float64) {
+	a := r.apps[appID]
+	if a == nil {
+		return
+	}
+	np := a.nameplates[name]
+	if np == nil {
+		return
+	}
+	i := slices.IndexFunc(np.sides, func(s nameplateSide) bool { return s.side == side })
+	if i < 0 {
+		return
+	}
+	np.sides[i].claimed = false
+	if slices.ContainsFunc(np.sides, func(s nameplateSide) bool { return s.claimed }) {
+		r.journal.nameplate(a, np)
+		return
+	}
+	r.deleteNameplateLocked(a, np, now, false)
+	r.dropIfEmptyLocked(a)
+}
+
+// openLocked opens mailbox id for side (§7.1), creating it if it does not
+// exist. It refreshes the mailbox's activity time. A third side gets
+// errCrowded, though its side is still recorded, as the reference does.
+func (r *registry) openLocked(a *app, id, side string, now float64) (*mailbox, error) {
+	mb := a.mailboxes[id]
+	if mb == nil {
+		var err error
+		if mb, err = r.createMailboxLocked(a, id, false, now); err != nil {
+			return nil, err
+		}
+	}
+	if !slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.side == side }) {
+		mb.sides = append(mb.sides, mailboxSide{side: side, opened: true, added: now})
+	}
+	mb.updated = now
+	r.journal.mailbox(mb)
+	if len(mb.sides) > crowdedSides {
+		return nil, errCrowded
+	}
+	return mb, nil
+}
+
+// createMailboxLocked adds an empty mailbox to the app, if the limits allow.
+func (r *registry) createMailboxLocked(a *app, id string, forNameplate bool, now float64) (*mailbox, error) {
+	if len(a.mailboxes) >= r.limits.MaxMailboxesPerApp || r.mailboxN >= r.limits.MaxMailboxes {
+		r.metrics.refused("too many mailboxes")
+		return nil, errTooManyMailboxes
+	}
+	mb := &mailbox{app: a, id: id, forNameplate: forNameplate, updated: now}
+	a.mailboxes[id] = mb
+	r.mailboxN++
+	r.metrics.mailboxes.Add(1)
+	r.journal.mailbox(mb)
+	return mb, nil
+}
+
+func (r *registry) roomForNameplateLocked(a *app) error {
+	if len(a.nameplates) >= r.limits.MaxNameplatesPerApp || r.nameplateN >= r.limits.MaxNameplates {
+		r.metrics.refused("too many nameplates")
+		return errTooManyNameplates
+	}
+	return nil
+}
+
+// addLocked stores a message in mb and hands it to every subscriber,
+// the sender's own connection included, in the same order for all.
+func (r *registry) addLocked(mb *mailbox, m message) error {
+	switch {
+	case len(mb.messages) >= r.limits.MaxMessagesPerMailbox:
+		r.metrics.refused("too many messages")
+		return errTooManyMessages
+	case mb.bytes+m.size() > r.limits.MaxMailboxBytes,
+		r.storedBytes+int64(m.size()) > r.limits.MaxStoredBytes:
+		r.metrics.refused("mailbox full")
+		return errMailboxFull
+	}
+	mb.messages = append(mb.messages, m)
+	mb.bytes += m.size()
+	r.storedBytes += int64(m.size())
+	mb.updated = m.serverRx
+	r.journal.message(mb, m)
+	r.metrics.messages.Add(1)
+	frame := messageFrame(m)
+	for _, s := range mb.subscribers {
+		s.send(frame)
+	}
+	return nil
+}
+
+// subscribeLocked makes s receive every message added to mb from now on,
+// after replaying the ones already stored, oldest first.
+func (r *registry) subscribeLocked(mb *mailbox, s *session) {
+	mb.subscribers = append(mb.subscribers, s)
+	r.subscriptions++
+	for _, m := range mb.messages {
+		s.send(messageFrame(m))
+	}
+}
+
+// unsubscribeLocked stops delivering mb's messages to s.
+func (r *registry) unsubscribeLocked(mb *mailbox, s *session) {
+	if i := slices.Index(mb.subscribers, s); i >= 0 {
+		mb.subscribers = slices.Delete(mb.subscribers, i, i+1)
+		r.subscriptions--
+	}
+}
+
+// closeLocked records that side closed mailbox id with this mood (§7.3).
+// Unknown mailboxes and sides are ignored. When every side has closed it,
+// the mailbox, its messages and any nameplate still pointing at it go.
+func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
+	mb := a.mailboxes[id]
+	if mb == nil {
+		return
+	}
+	i := slices.IndexFunc(mb.sides, func(s mailboxSide) bool { return s.side == side })
+	if i < 0 {
+		return
+	}
+	mb.sides[i].opened = false
+	mb.sides[i].mood = mood
+	if slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.opened }) {
+		r.journal.mailbox(mb)
+		return
+	}
+	r.deleteMailboxLocked(mb, now, false)
+}
+
+// deleteMailboxLocked removes a mailbox with its messages, and the
+// nameplates that point at it (the reference crashes when a nameplate is
+// still claimed at this point; deleting it is what its own fix intends).
+// Connections still subscribed are detached, so none can add to it.
+func (r *registry) deleteMailboxLocked(mb *mailbox, now float64, pruned bool) {
+	a := mb.app
+	for _, np := range a.nameplates {
+		if np.mailbox == mb {
+			r.deleteNameplateLocked(a, np, now, pruned)
+		}
+	}
+	r.journal.deleted(kindMailbox, a.id, mb.id)
+	r.usage.mailboxRetired(mb, now, pruned)
+	r.forgetMailboxLocked(mb)
+	r.dropIfEmptyLocked(a)
+}
+
+func (r *registry) deleteNameplateLocked(a *app, np *nameplate, now float64, pruned bool) {
+	r.journal.deleted(kindNameplate, a.id, np.name)
+	r.usage.nameplateRetired(a.id, np, now, pruned)
+	r.forgetNameplateLocked(a, np)
+}
+
+// forgetMailboxLocked takes a mailbox, and any nameplate pointing at it,
+// out of the registry, and detaches its subscribers.
+func (r *registry) forgetMailboxLocked(mb *mailbox) {
+	a := mb.app
+	for _, np := range a.nameplates {
+		if np.mailbox == mb {
+			r.forgetNameplateLocked(a, np)
+		}
+	}
+	for _, s := range mb.subscribers {
+		s.mailbox = nil
+		r.subscriptions--
+	}
+	mb.subscribers = nil
+	delete(a.mailboxes, mb.id)
+	mb.deleted = true
+	r.mailboxN--
+	r.metrics.mailboxes.Add(-1)
+	r.storedBytes -= int64(mb.bytes)
+}
+
+func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
+	delete(a.nameplates, np.name)
+	r.nameplateN--
+	r.metrics.nameplates.Add(-1)
+}
+
+// pruneLocked deletes every channel idle since before old (§9.4). A
+// mailbox with a subscribed connection counts as active now, so only
+// channels nobody is connected to can expire; a nameplate goes with its
+// mailbox.
+func (r *registry) pruneLocked(now, old float64) (nameplates, mailboxes int) {
+	for _, a := range r.apps {
+		for _, mb := range a.mailboxes {
+			if len(mb.subscribers) > 0 {
+				mb.updated = now
+				r.journal.mailbox(mb)
+			}
+		}
+		for _, np := range a.nameplates {
+			if np.mailbox.updated <= old {
+				r.deleteNameplateLocked(a, np, now, true)
+				nameplates++
+			}
+		}
+		for _, mb := range a.mailboxes {
+			if mb.updated <= old {
+				r.deleteMailboxLocked(mb, now, true)
+				mailboxes++
+			}
+		}
+		r.dropIfEmptyLocked(a)
+	}
+	return nameplates, mailboxes
+}
+
+// mailboxIDEncoding writes mailbox ids as the reference does: lowercase
+// base32 without padding.
+var mailboxIDEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
+
+// newMailboxID returns a fresh random mailbox id, 13 characters of
+// [a-z2-7] from 8 random bytes, unused in this app.
+func newMailboxID(a *app) string {
+	for {
+		var b [8]byte
+		rand.Read(b[:])
+		id := strings.ToLower(mailboxIDEncoding.EncodeToString(b[:]))
+		if a.mailboxes[id] == nil {
+			return id
+		}
+	}
+}

@@ -1,0 +1,561 @@
+// main.go owns the process: the command line, the HTTP server and its
+// routes, the periodic pruning, signals, and an orderly shutdown.
+//
+// wormhole-mailbox is a Magic Wormhole mailbox (rendezvous) server: the
+// WebSocket service at /v1 where two wormhole clients meet to exchange the
+// small messages of a transfer. It is a drop-in replacement for the
+// reference server (magic-wormhole-mailbox-server) and takes the same
+// flags. The files, read in this order, tell the whole story:
+//
+//	main.go      the process: flags, HTTP routes, pruning, signals
+//	conn.go      one WebSocket connection: frames in, frames out, keepalive
+//	protocol.go  the messages and each connection's state machine
+//	mailbox.go   the registry of apps, nameplates, mailboxes and messages
+//	store.go     the journal that makes the registry survive a restart
+//	usage.go     the usage log and the live counters
+//	stats.go     the "stats" command, which summarises a usage log
+//	load.go      the "load" command, a load driver for benchmarks
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// version is this server's version, reported by --version and in the
+// Server header.
+const version = "0.1.0"
+
+// Pruning, as the reference does it (§9.4): every pruneInterval, and once
+// at start-up, channels idle for channelExpiry with no connection
+// subscribed are deleted. The expiry exceeds the interval so a channel
+// lives at least 11 minutes after its last activity, time enough for a
+// client whose network flapped to reconnect.
+const (
+	pruneInterval = 5 * time.Minute
+	channelExpiry = 11 * time.Minute
+)
+
+// HTTP server limits: the opening request is all a WebSocket client sends
+// over HTTP, and it is small.
+const (
+	readHeaderTimeout = 10 * time.Second
+	maxHeaderBytes    = 16 << 10
+	httpIdleTimeout   = 60 * time.Second
+	shutdownTimeout   = 10 * time.Second
+)
+
+// Default per-address limits (see limiter in conn.go): far more than
+// the people behind one address use at once, far less than a flood.
+const (
+	defaultMaxConnsPerAddr     = 256
+	defaultNameplatesPerMinute = 60
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "wormhole-mailbox:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// config is everything the command line sets.
+type config struct {
+	port             string
+	channelDB        string
+	fsync            bool
+	usageDB          string
+	blurUsage        int
+	welcome          welcomeInfo
+	allowList        bool
+	metricsListen    string
+	trustProxyHeader string
+	tlsCert, tlsKey  string
+	logFormat        string
+	logMessages      bool
+	limits           limits
+	maxMessageBytes  int
+	maxConnsPerAddr  int
+	nameplatesPerMin int
+}
+
+// run is the whole program; main only supplies the process's context,
+// arguments and output streams.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "stats":
+			return runStats(args[1:], stdout, stderr)
+		case "load":
+			return runLoad(ctx, args[1:], stdout, stderr)
+		}
+	}
+	cfg, err := parseFlags(args, stdout, stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg.logFormat, stderr)
+	srv, err := newServer(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer srv.close()
+
+	addr, err := listenAddress(cfg.port)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	httpSrv := &http.Server{
+		Handler:           srv.handler(),
+		ReadHeaderTimeout: readHeaderTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		IdleTimeout:       httpIdleTimeout,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		Protocols:         new(http.Protocols), // HTTP/1.1 only: a WebSocket upgrade needs it
+	}
+	httpSrv.Protocols.SetHTTP1(true)
+	var cert *certificate
+	scheme := "ws"
+	if cfg.tlsCert != "" {
+		if cert, err = loadCertificate(cfg.tlsCert, cfg.tlsKey); err != nil {
+			return err
+		}
+		httpSrv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: cert.get}
+		ln = tls.NewListener(ln, httpSrv.TLSConfig)
+		scheme = "wss"
+	}
+	serveErr := make(chan error, 2)
+	go func() { serveErr <- httpSrv.Serve(ln) }()
+	log.Info("websocket listening", "url", fmt.Sprintf("%s://%s/v1", scheme, ln.Addr()), "version", version)
+
+	if cfg.metricsListen != "" {
+		mln, err := net.Listen("tcp", cfg.metricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		msrv := &http.Server{Handler: srv.metrics.handler(srv.healthy), ReadHeaderTimeout: readHeaderTimeout}
+		go func() { serveErr <- msrv.Serve(mln) }()
+		defer msrv.Close()
+		log.Info("metrics listening", "url", fmt.Sprintf("http://%s/debug/vars", mln.Addr()))
+	}
+
+	pruneCtx, stopPruning := context.WithCancel(ctx)
+	defer stopPruning()
+	go srv.pruneEvery(pruneCtx, pruneInterval, channelExpiry)
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-hup:
+			srv.reopen(cert)
+			continue
+		case err = <-serveErr:
+		case err = <-srv.failed:
+		case <-ctx.Done():
+		}
+		break
+	}
+	log.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	httpSrv.Shutdown(shutdownCtx) // stops accepting; WebSocket connections are ours to close
+	srv.closeConnections(shutdownCtx)
+	if cerr := srv.close(); err == nil {
+		err = cerr
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
+	cfg := config{limits: defaultLimits}
+	fs := flag.NewFlagSet("wormhole-mailbox", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: wormhole-mailbox [flags]
+       wormhole-mailbox stats [flags]   summarise a usage log (stats -h)
+       wormhole-mailbox load [flags]    drive load at a server (load -h)
+
+A Magic Wormhole mailbox (rendezvous) server. Clients connect to
+ws://HOST:PORT/v1. Flags match the reference server's where it has them.
+
+`)
+		fs.PrintDefaults()
+	}
+	portHelp := "where to listen: `tcp:PORT[:interface=HOST]` (as the reference), PORT, or HOST:PORT; all IPv4 and IPv6 addresses unless a host is given"
+	fs.StringVar(&cfg.port, "port", "tcp:4000", portHelp)
+	fs.StringVar(&cfg.port, "p", "tcp:4000", "short for --port")
+	fs.StringVar(&cfg.channelDB, "channel-db", "relay.jsonl", "journal `file` that keeps channel state across restarts; :memory: keeps none")
+	fsyncMode := fs.String("fsync", "always", "`always`: make every change durable before answering; never: leave it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
+	fs.StringVar(&cfg.usageDB, "usage-db", "", "usage log `file` (JSON lines); none by default")
+	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses")
+	fs.StringVar(&cfg.welcome.currentCLIVersion, "advertise-version", "", "tell clients this is the current client `version`")
+	fs.StringVar(&cfg.welcome.signalError, "signal-error", "", "tell every client this `error` and so refuse service")
+	fs.StringVar(&cfg.welcome.motd, "motd", "", "message of the day `text` shown by clients")
+	disallowList := fs.Bool("disallow-list", false, "answer \"list\" with no nameplates, so nobody can see which are waiting")
+	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:4001")
+	fs.StringVar(&cfg.trustProxyHeader, "trust-proxy-header", "", "take the client's address from this `header` (X-Real-IP or X-Forwarded-For) set by a reverse proxy in front")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve wss:// with this certificate `file` (PEM; re-read on SIGHUP)")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "the certificate's private key `file` (PEM)")
+	fs.StringVar(&cfg.logFormat, "log-format", "text", "log as `text` or json")
+	fs.BoolVar(&cfg.logMessages, "log-messages", false, "log every message in and out (bodies shortened), to learn the protocol")
+	fs.IntVar(&cfg.maxMessageBytes, "max-message-size", maxMessageBytes, "largest client message in `bytes`")
+	fs.IntVar(&cfg.limits.MaxMessagesPerMailbox, "max-mailbox-messages", defaultLimits.MaxMessagesPerMailbox, "most messages one mailbox may hold")
+	fs.IntVar(&cfg.limits.MaxMailboxBytes, "max-mailbox-bytes", defaultLimits.MaxMailboxBytes, "most message `bytes` one mailbox may hold")
+	fs.IntVar(&cfg.limits.MaxNameplates, "max-nameplates", defaultLimits.MaxNameplates, "most nameplates in all apps together")
+	fs.IntVar(&cfg.limits.MaxMailboxes, "max-mailboxes", defaultLimits.MaxMailboxes, "most mailboxes in all apps together")
+	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, or claim of a new name) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		fs.Usage()
+		return cfg, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, "wormhole-mailbox", version)
+		return cfg, flag.ErrHelp
+	}
+	switch *fsyncMode {
+	case "always":
+		cfg.fsync = true
+	case "never":
+	default:
+		return cfg, fmt.Errorf("--fsync must be always or never, not %q", *fsyncMode)
+	}
+	if (cfg.tlsCert == "") != (cfg.tlsKey == "") {
+		return cfg, errors.New("--tls-cert and --tls-key go together")
+	}
+	if cfg.logFormat != "text" && cfg.logFormat != "json" {
+		return cfg, fmt.Errorf("--log-format must be text or json, not %q", cfg.logFormat)
+	}
+	cfg.allowList = !*disallowList
+	return cfg, nil
+}
+
+// listenAddress turns --port into a Go listen address. The reference's
+// form is a Twisted endpoint, tcp:PORT[:interface=HOST], where colons in
+// HOST are escaped with backslashes; plain PORT and HOST:PORT work too.
+func listenAddress(port string) (string, error) {
+	if p, err := strconv.Atoi(port); err == nil {
+		return fmt.Sprintf(":%d", p), nil
+	}
+	rest, ok := strings.CutPrefix(port, "tcp:")
+	if !ok {
+		rest, ok = strings.CutPrefix(port, "tcp6:")
+	}
+	if !ok {
+		if _, _, err := net.SplitHostPort(port); err != nil {
+			return "", fmt.Errorf("--port %q: %v", port, err)
+		}
+		return port, nil
+	}
+	rest = strings.ReplaceAll(rest, `\:`, "\x00") // escaped colons belong to the host
+	parts := strings.Split(rest, ":")
+	p, host := parts[0], ""
+	for _, opt := range parts[1:] {
+		k, v, _ := strings.Cut(opt, "=")
+		switch k {
+		case "interface":
+			host = strings.ReplaceAll(v, "\x00", ":")
+		case "backlog":
+		default:
+			return "", fmt.Errorf("--port %q: unknown option %q", port, k)
+		}
+	}
+	if _, err := strconv.ParseUint(p, 10, 16); err != nil {
+		return "", fmt.Errorf("--port %q: bad port number", port)
+	}
+	return net.JoinHostPort(host, p), nil
+}
+
+func newLogger(format string, w io.Writer) *slog.Logger {
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, nil))
+	}
+	return slog.New(slog.NewTextHandler(w, nil))
+}
+
+// server is the mailbox service: the registry, its journal and usage
+// log, and the connections using them.
+type server struct {
+	reg     *registry
+	metrics *metrics
+	limiter *limiter
+	log     *slog.Logger
+	failed  chan error // the journal failed, and the server must stop
+
+	welcome         welcomeInfo
+	serverHeader    string
+	trustHeader     string
+	logMessages     bool
+	blurLogs        bool // --blur-usage: log no client addresses
+	rebooted        float64
+	pingInterval    time.Duration
+	idleTimeout     time.Duration
+	maxMessageBytes int
+	maxOutboxBytes  int
+	clock           func() time.Time
+
+	connsMu sync.Mutex
+	conns   map[*connection]struct{}
+	connWG  sync.WaitGroup // one per connection goroutine
+	closed  atomic.Bool
+}
+
+// newServer opens the journal and usage log, replays the journal, and
+// prunes what expired while the server was down.
+func newServer(cfg config, log *slog.Logger) (*server, error) {
+	m := newMetrics()
+	srv := &server{
+		metrics:         m,
+		limiter:         newLimiter(cfg.maxConnsPerAddr, cfg.nameplatesPerMin),
+		log:             log,
+		failed:          make(chan error, 1),
+		welcome:         cfg.welcome,
+		serverHeader:    "Magic Wormhole Mailbox (Go) " + version,
+		trustHeader:     cfg.trustProxyHeader,
+		logMessages:     cfg.logMessages,
+		blurLogs:        cfg.blurUsage >= 0,
+		pingInterval:    pingInterval,
+		idleTimeout:     idleTimeout,
+		maxMessageBytes: cfg.maxMessageBytes,
+		maxOutboxBytes:  maxOutboxBytes,
+		clock:           time.Now,
+		conns:           make(map[*connection]struct{}),
+	}
+	srv.rebooted = srv.now()
+	var usage *usageLog
+	if cfg.usageDB != "" {
+		var err error
+		if usage, err = openUsageLog(cfg.usageDB, max(cfg.blurUsage, 0), log, m); err != nil {
+			return nil, err
+		}
+	}
+	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
+	if cfg.channelDB != ":memory:" {
+		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m)
+		if err != nil {
+			usage.close()
+			return nil, err
+		}
+		srv.reg.journal = journal
+		journal.onFail = func(err error) {
+			select {
+			case srv.failed <- err:
+			default:
+			}
+		}
+	}
+	if !cfg.allowList {
+		log.Info("listing of allocated nameplates disallowed")
+	}
+	if cfg.blurUsage > 0 {
+		log.Info("blurring access times", "seconds", cfg.blurUsage)
+	}
+	srv.prune(channelExpiry)
+	return srv, nil
+}
+
+// now is the server's clock in Unix seconds, the unit of the protocol.
+func (srv *server) now() float64 {
+	return float64(srv.clock().UnixNano()) / 1e9
+}
+
+// nowSeconds is the time stamped on outgoing messages as "server_tx".
+func nowSeconds() float64 { return float64(time.Now().UnixNano()) / 1e9 }
+
+// handler returns the server's HTTP routes: a banner at /, the
+// WebSocket endpoint at /v1 (and below it, as the reference), and 404
+// elsewhere.
+func (srv *server) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, "Wormhole Relay\n")
+	})
+	mux.HandleFunc("/{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", "HEAD, GET")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	})
+	mux.HandleFunc("/v1", srv.serveWebSocket)
+	mux.HandleFunc("/v1/", srv.serveWebSocket)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Server", srv.serverHeader)
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// connected registers a new connection. It returns an error text if the
+// client's address already has as many connections as it may.
+func (srv *server) connected(c *connection) string {
+	srv.connsMu.Lock()
+	srv.conns[c] = struct{}{}
+	srv.connsMu.Unlock()
+	srv.metrics.connections.Add(1)
+	srv.metrics.connectionsTotal.Add(1)
+	if !srv.limiter.connect(c.addr.ip) {
+		srv.metrics.refused("connections per address")
+		return "too many connections from your address"
+	}
+	return ""
+}
+
+func (srv *server) disconnected(c *connection) {
+	srv.limiter.disconnect(c.addr.ip)
+	srv.connsMu.Lock()
+	delete(srv.conns, c)
+	srv.connsMu.Unlock()
+	srv.metrics.connections.Add(-1)
+}
+
+// logAddr is how a client's address appears in the log: not at all when
+// usage is blurred.
+func (srv *server) logAddr(a clientAddr) string {
+	if srv.blurLogs {
+		return "-"
+	}
+	return a.String()
+}
+
+// pruneEvery prunes expired channels every interval until ctx ends.
+func (srv *server) pruneEvery(ctx context.Context, interval, expiry time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			srv.prune(expiry)
+		}
+	}
+}
+
+// prune deletes channels idle for longer than expiry, and writes the
+// usage log's "current" record.
+func (srv *server) prune(expiry time.Duration) {
+	now := srv.now()
+	reg := srv.reg
+	reg.mu.Lock()
+	nameplates, mailboxes := reg.pruneLocked(now, now-expiry.Seconds())
+	subscriptions := reg.subscriptions
+	reg.mu.Unlock()
+	reg.usage.current(srv.rebooted, now, subscriptions)
+	srv.limiter.sweep()
+	if nameplates+mailboxes > 0 {
+		srv.log.Info("pruned idle channels", "nameplates", nameplates, "mailboxes", mailboxes)
+	}
+}
+
+// reopen answers SIGHUP: the usage log is reopened (after rotation) and
+// the TLS certificate re-read (after renewal).
+func (srv *server) reopen(cert *certificate) {
+	if err := srv.reg.usage.Reopen(); err != nil {
+		srv.log.Error("reopening usage log", "err", err)
+	} else if srv.reg.usage != nil {
+		srv.log.Info("usage log reopened")
+	}
+	if cert != nil {
+		if err := cert.reload(); err != nil {
+			srv.log.Error("reloading TLS certificate; keeping the old one", "err", err)
+		} else {
+			srv.log.Info("TLS certificate reloaded")
+		}
+	}
+}
+
+// healthy reports whether the server can do its job.
+func (srv *server) healthy() error {
+	if srv.closed.Load() {
+		return errShutdown
+	}
+	return srv.reg.journal.err()
+}
+
+// closeConnections sends every client a going-away close after what it is
+// owed, and waits for the connections to end, or for ctx.
+func (srv *server) closeConnections(ctx context.Context) {
+	srv.connsMu.Lock()
+	for c := range srv.conns {
+		c.end(closeGoingAway, errShutdown)
+	}
+	srv.connsMu.Unlock()
+	done := make(chan struct{})
+	go func() { srv.connWG.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		srv.connsMu.Lock()
+		for c := range srv.conns {
+			c.abort(errShutdown)
+		}
+		srv.connsMu.Unlock()
+		<-done
+	}
+}
+
+// close flushes and closes the journal and the usage log. It may be
+// called more than once.
+func (srv *server) close() error {
+	if srv.closed.Swap(true) {
+		return nil
+	}
+	err := srv.reg.journal.close()
+	srv.reg.usage.close()
+	return err
+}
+
+// certificate holds the TLS certificate, replaced on SIGHUP.
+type certificate struct {
+	certFile, keyFile string
+	current           atomic.Pointer[tls.Certificate]
+}
+
+func loadCertificate(certFile, keyFile string) (*certificate, error) {
+	c := &certificate{certFile: certFile, keyFile: keyFile}
+	return c, c.reload()
+}
+
+func (c *certificate) reload() error {
+	cert, err := tls.LoadX509KeyPair(c.certFile, c.keyFile)
+	if err != nil {
+		return err
+	}
+	c.current.Store(&cert)
+	return nil
+}
+
+func (c *certificate) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return c.current.Load(), nil
+}

@@ -1,0 +1,623 @@
+// protocol.go owns the mailbox protocol as clients see it: the shape of
+// every message in both directions, the error strings, and the state
+// machine each connection runs (../shared/protocol.md §3, §4). It decides
+// what a message means; mailbox.go keeps the state it changes, and conn.go
+// moves the bytes.
+//
+// A client sends one JSON object per WebSocket message. Every object with
+// a "type" is acknowledged first with {"type": "ack", "id": <its id>};
+// then the command runs, and may answer, fail with {"type": "error"}, or
+// deliver "message"s to the mailbox's subscribers.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strconv"
+	"unicode/utf8"
+)
+
+// The reference server's error strings (§4.5), which clients may match.
+const (
+	errMissingType      = protocolError("missing 'type'")
+	errMustBind         = protocolError("must bind first")
+	errUnknownType      = protocolError("unknown type")
+	errPingRequiresPing = protocolError("ping requires 'ping'")
+	errAlreadyBound     = protocolError("already bound")
+	errBindAppID        = protocolError("bind requires 'appid'")
+	errBindSide         = protocolError("bind requires 'side'")
+	errGreedy           = protocolError("you already allocated one, don't be greedy")
+	errClaimNameplate   = protocolError("claim requires 'nameplate'")
+	errOneClaim         = protocolError("only one claim per connection")
+	errCrowded          = protocolError("crowded")
+	errReclaimed        = protocolError("reclaimed")
+	errOneRelease       = protocolError("only one release per connection")
+	errReleaseMismatch  = protocolError("release and claim must use same nameplate")
+	errReleaseNoClaim   = protocolError("release without nameplate must follow claim")
+	errOneOpen          = protocolError("only one open per connection")
+	errOpenMailbox      = protocolError("open requires 'mailbox'")
+	errAddBeforeOpen    = protocolError("must open mailbox before adding")
+	errMissingPhase     = protocolError("missing 'phase'")
+	errMissingBody      = protocolError("missing 'body'")
+	errOneClose         = protocolError("only one close per connection")
+	errCloseMismatch    = protocolError("open and close must use same mailbox")
+	errCloseNoOpen      = protocolError("close without mailbox must follow open")
+)
+
+// Errors this server sends where the reference drops the connection or has
+// no limit at all. Clients treat any error as fatal, so each one says what
+// was wrong.
+const (
+	errBadNameplate      = protocolError("'nameplate' must be 1 to 40 digits")
+	errBadClientVersion  = protocolError("'client_version' must be a list of two strings")
+	errNoFreeNameplate   = protocolError("unable to find a free nameplate-id")
+	errTooManyNameplates = protocolError("too many nameplates")
+	errTooManyMailboxes  = protocolError("too many mailboxes")
+	errTooManyMessages   = protocolError("too many messages in this mailbox")
+	errMailboxFull       = protocolError("mailbox is full")
+	errRateLimited       = protocolError("too many new nameplates from your address, try again later")
+)
+
+// Length limits on the strings a client chooses. Real clients use far
+// shorter ones (an appid of about 40 characters, sides of 10 hex digits,
+// phases like "pake" or "dilate-3"); the limits keep one message from
+// costing more than its frame.
+const (
+	maxAppIDLen     = 256
+	maxTokenLen     = 64 // side, phase, mood, mailbox id
+	maxNameplateLen = 40 // as the reference since 0.7.0
+)
+
+// errNotString and errTooLong name the field at fault.
+func errNotString(key string) protocolError {
+	return protocolError(fmt.Sprintf("'%s' must be a string", key))
+}
+
+func errTooLong(key string) protocolError {
+	return protocolError(fmt.Sprintf("'%s' is too long", key))
+}
+
+// errBadInput means a message was not a JSON object in valid UTF-8. The
+// reference drops the connection for these, and so do we (cleanly, with a
+// close frame), since nothing sensible can be answered.
+var errBadInput = errors.New("message is not a JSON object in UTF-8")
+
+// clientMessage is one message from a client: its raw bytes, echoed as
+// "orig" in errors, and its fields, kept as raw JSON so that values the
+// server echoes ("id", "ping") go back exactly as they came. Field names
+// are matched exactly, and the last of duplicate keys wins, as in Python.
+type clientMessage struct {
+	raw    []byte
+	fields map[string]json.RawMessage
+}
+
+func parseClientMessage(raw []byte) (clientMessage, error) {
+	if !utf8.Valid(raw) {
+		return clientMessage{}, errBadInput
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil || fields == nil {
+		return clientMessage{}, errBadInput
+	}
+	return clientMessage{raw: raw, fields: fields}, nil
+}
+
+func (m clientMessage) has(key string) bool {
+	_, ok := m.fields[key]
+	return ok
+}
+
+// typ returns the message's type, or "" if it is not a string.
+func (m clientMessage) typ() string {
+	var t string
+	json.Unmarshal(m.fields["type"], &t)
+	return t
+}
+
+// str returns field key, which must be present, as a string of at most
+// maxLen bytes.
+func (m clientMessage) str(key string, maxLen int) (string, error) {
+	v := m.fields[key]
+	var s string
+	if len(v) == 0 || v[0] != '"' || json.Unmarshal(v, &s) != nil {
+		return "", errNotString(key)
+	}
+	if len(s) > maxLen {
+		return "", errTooLong(key)
+	}
+	return s, nil
+}
+
+// clientVersion reads bind's optional [implementation, version, ...]; only
+// the first two elements are used, and each may be null.
+func (m clientMessage) clientVersion() (impl, version *string, err error) {
+	v, ok := m.fields["client_version"]
+	if !ok {
+		return nil, nil, nil
+	}
+	var elems []*string
+	if json.Unmarshal(v, &elems) != nil || len(elems) < 2 {
+		return nil, nil, errBadClientVersion
+	}
+	for _, e := range elems[:2] {
+		if e != nil && len(*e) > maxAppIDLen {
+			return nil, nil, errBadClientVersion
+		}
+	}
+	return elems[0], elems[1], nil
+}
+
+// validNameplate reports whether name is 1 to 40 ASCII digits, the rule the
+// reference adopted in 0.7.0 (it drops the connection; we answer an error).
+func validNameplate(name string) bool {
+	if len(name) == 0 || len(name) > maxNameplateLen {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if name[i] < '0' || name[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// A sender takes a session's encoded frames in order. In the server it is
+// the connection's outbox (conn.go); lsn is the journal position the frame
+// depends on, and the frame must not reach the client before the journal
+// is durable up to it.
+type sender interface {
+	enqueue(frame []byte, lsn uint64)
+}
+
+// session is one connection's protocol state (§3). Its fields are guarded
+// by the registry's mutex, since other connections' actions can change them
+// (a deleted mailbox detaches its subscribers).
+type session struct {
+	srv  *server
+	out  sender
+	addr clientAddr // where the client connects from
+
+	bound       bool
+	appID, side string
+	didAllocate bool
+	didClaim    bool
+	claimed     string // the nameplate this connection claimed, if didClaim
+	didRelease  bool
+	opened      bool     // an open (or close) named a mailbox on this connection
+	mailboxID   string   // that mailbox, if opened
+	mailbox     *mailbox // the mailbox this connection is subscribed to, or nil
+	didClose    bool
+}
+
+// send queues a frame for the client. It must be called with the registry
+// locked, so that frames leave in the order the registry changed.
+func (s *session) send(frame []byte) {
+	s.out.enqueue(frame, s.srv.reg.journal.lastLSN())
+}
+
+// handle runs one client message: the dispatch order of §4.2. A non-nil
+// error means the message was not a JSON object, and the connection must
+// be closed.
+func (s *session) handle(raw []byte) error {
+	msg, err := parseClientMessage(raw)
+	if err != nil {
+		return err
+	}
+	now := s.srv.now()
+	reg := s.srv.reg
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	if !msg.has("type") {
+		s.fail(errMissingType, msg)
+		return nil
+	}
+	s.send(ackFrame(msg.fields["id"]))
+	if err := s.dispatchLocked(msg, now); err != nil {
+		var pe protocolError
+		if !errors.As(err, &pe) {
+			return err
+		}
+		s.fail(pe, msg)
+	}
+	return nil
+}
+
+func (s *session) fail(e protocolError, msg clientMessage) {
+	s.srv.metrics.clientError(string(e))
+	s.send(errorFrame(string(e), msg.raw))
+}
+
+func (s *session) dispatchLocked(msg clientMessage, now float64) error {
+	switch msg.typ() {
+	case "ping":
+		return s.ping(msg)
+	case "bind":
+		return s.bind(msg, now)
+	}
+	if !s.bound {
+		return errMustBind
+	}
+	switch msg.typ() {
+	case "list":
+		s.send(nameplatesFrame(s.srv.reg.listLocked(s.appID)))
+		return nil
+	case "allocate":
+		return s.allocate(now)
+	case "claim":
+		return s.claim(msg, now)
+	case "release":
+		return s.release(msg, now)
+	case "open":
+		return s.open(msg, now)
+	case "add":
+		return s.add(msg, now)
+	case "close":
+		return s.close(msg, now)
+	}
+	return errUnknownType
+}
+
+func (s *session) ping(msg clientMessage) error {
+	if !msg.has("ping") {
+		return errPingRequiresPing
+	}
+	s.send(pongFrame(msg.fields["ping"]))
+	return nil
+}
+
+func (s *session) bind(msg clientMessage, now float64) error {
+	switch {
+	case s.bound:
+		return errAlreadyBound
+	case !msg.has("appid"):
+		return errBindAppID
+	case !msg.has("side"):
+		return errBindSide
+	}
+	appID, err := msg.str("appid", maxAppIDLen)
+	if err != nil {
+		return err
+	}
+	side, err := msg.str("side", maxTokenLen)
+	if err != nil {
+		return err
+	}
+	impl, version, err := msg.clientVersion()
+	if err != nil {
+		return err
+	}
+	s.bound, s.appID, s.side = true, appID, side
+	s.srv.reg.usage.bound(appID, side, now, impl, version)
+	return nil
+}
+
+func (s *session) allocate(now float64) error {
+	if s.didAllocate {
+		return errGreedy
+	}
+	if !s.srv.limiter.allowNewNameplate(s.addr.ip) {
+		return errRateLimited
+	}
+	name, err := s.srv.reg.allocateLocked(s.appID, s.side, now)
+	if err != nil {
+		return err
+	}
+	s.didAllocate = true
+	s.send(allocatedFrame(name))
+	return nil
+}
+
+func (s *session) claim(msg clientMessage, now float64) error {
+	if !msg.has("nameplate") {
+		return errClaimNameplate
+	}
+	if s.didClaim {
+		return errOneClaim
+	}
+	name, err := msg.str("nameplate", maxNameplateLen)
+	if err != nil || !validNameplate(name) {
+		return errBadNameplate
+	}
+	if !s.srv.reg.nameplateExistsLocked(s.appID, name) && !s.srv.limiter.allowNewNameplate(s.addr.ip) {
+		return errRateLimited
+	}
+	s.didClaim, s.claimed = true, name
+	id, err := s.srv.reg.claimLocked(s.appID, name, s.side, now)
+	if err != nil {
+		return err
+	}
+	s.send(claimedFrame(id))
+	return nil
+}
+
+func (s *session) release(msg clientMessage, now float64) error {
+	if s.didRelease {
+		return errOneRelease
+	}
+	name := s.claimed
+	if msg.has("nameplate") {
+		given, err := msg.str("nameplate", maxNameplateLen)
+		if err != nil {
+			return err
+		}
+		if s.didClaim && given != s.claimed {
+			return errReleaseMismatch
+		}
+		name = given
+	} else if !s.didClaim {
+		return errReleaseNoClaim
+	}
+	s.srv.reg.releaseLocked(s.appID, name, s.side, now)
+	s.didRelease = true
+	s.send(releasedFrame())
+	return nil
+}
+
+func (s *session) open(msg clientMessage, now float64) error {
+	if s.mailbox != nil {
+		return errOneOpen
+	}
+	if !msg.has("mailbox") {
+		return errOpenMailbox
+	}
+	id, err := msg.str("mailbox", maxTokenLen)
+	if err != nil {
+		return err
+	}
+	s.opened, s.mailboxID = true, id
+	reg := s.srv.reg
+	a := reg.appLocked(s.appID)
+	mb, err := reg.openLocked(a, id, s.side, now)
+	if err != nil {
+		reg.dropIfEmptyLocked(a)
+		return err
+	}
+	s.mailbox = mb
+	reg.subscribeLocked(mb, s)
+	return nil
+}
+
+func (s *session) add(msg clientMessage, now float64) error {
+	switch {
+	case s.mailbox == nil:
+		return errAddBeforeOpen
+	case !msg.has("phase"):
+		return errMissingPhase
+	case !msg.has("body"):
+		return errMissingBody
+	}
+	phase, err := msg.str("phase", maxTokenLen)
+	if err != nil {
+		return err
+	}
+	body, err := msg.str("body", math.MaxInt)
+	if err != nil {
+		return err
+	}
+	id := msg.fields["id"]
+	if id == nil {
+		id = jsonNull
+	}
+	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id})
+}
+
+func (s *session) close(msg clientMessage, now float64) error {
+	if s.didClose {
+		return errOneClose
+	}
+	id := s.mailboxID
+	if msg.has("mailbox") {
+		given, err := msg.str("mailbox", maxTokenLen)
+		if err != nil {
+			return err
+		}
+		if s.opened && given != s.mailboxID {
+			return errCloseMismatch
+		}
+		id = given
+	} else if !s.opened {
+		return errCloseNoOpen
+	}
+	var mood string
+	if v, ok := msg.fields["mood"]; ok && !bytes.Equal(v, jsonNull) {
+		var err error
+		if mood, err = msg.str("mood", maxTokenLen); err != nil {
+			return err
+		}
+	}
+	reg := s.srv.reg
+	a := reg.appLocked(s.appID)
+	if s.mailbox == nil && a.mailboxes[id] != nil {
+		// Closing without having the mailbox open opens it first, as the
+		// reference does, so a third side is refused here too (§4.4).
+		if _, err := reg.openLocked(a, id, s.side, now); err != nil {
+			return err
+		}
+	}
+	if s.mailbox != nil {
+		reg.unsubscribeLocked(s.mailbox, s)
+		s.mailbox = nil
+	}
+	s.didClose = true
+	reg.closeLocked(a, id, s.side, mood, now)
+	reg.dropIfEmptyLocked(a)
+	s.send(closedFrame())
+	return nil
+}
+
+// disconnected forgets the connection's subscription. Its claims and open
+// mailboxes stay: the client may reconnect and carry on (§3 rule 11).
+func (s *session) disconnected() {
+	reg := s.srv.reg
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	if s.mailbox != nil {
+		reg.unsubscribeLocked(s.mailbox, s)
+		s.mailbox = nil
+	}
+}
+
+// Server messages are written in the reference's layout, so they match it
+// byte for byte where the content is the same: Python's separators (", "
+// and ": "), non-ASCII escaped as \uXXXX, the type-specific fields first,
+// then "type", then "server_tx". Values a client sent that are echoed
+// unchanged ("id", "ping", "orig") go back exactly as received.
+
+var jsonNull = json.RawMessage("null")
+
+// frameWriter builds one server message.
+type frameWriter struct{ b []byte }
+
+func newFrame() *frameWriter { return &frameWriter{b: append(make([]byte, 0, 128), '{')} }
+
+func (w *frameWriter) key(k string) *frameWriter {
+	if len(w.b) > 1 {
+		w.b = append(w.b, ", "...)
+	}
+	w.b = appendPyString(w.b, k)
+	w.b = append(w.b, ": "...)
+	return w
+}
+
+func (w *frameWriter) str(k, v string) *frameWriter {
+	w.key(k).b = appendPyString(w.b, v)
+	return w
+}
+
+func (w *frameWriter) raw(k string, v json.RawMessage) *frameWriter {
+	if v == nil {
+		v = jsonNull
+	}
+	w.key(k).b = append(w.b, v...)
+	return w
+}
+
+func (w *frameWriter) float(k string, v float64) *frameWriter {
+	w.key(k).b = appendPyFloat(w.b, v)
+	return w
+}
+
+// done adds "type" and "server_tx" and returns the frame.
+func (w *frameWriter) done(typ string) []byte {
+	w.str("type", typ)
+	w.float("server_tx", nowSeconds())
+	return append(w.b, '}')
+}
+
+// welcomeInfo is what an operator configured for the welcome message.
+type welcomeInfo struct {
+	motd, currentCLIVersion, signalError string
+}
+
+func welcomeFrame(info welcomeInfo, addr clientAddr) []byte {
+	inner := newFrame()
+	if info.motd != "" {
+		inner.str("motd", info.motd)
+	}
+	if info.currentCLIVersion != "" {
+		inner.str("current_cli_version", info.currentCLIVersion)
+	}
+	if info.signalError != "" {
+		inner.str("error", info.signalError)
+	}
+	if addr.ip.IsValid() {
+		family := "ipv4"
+		if addr.ip.Is6() {
+			family = "ipv6"
+		}
+		a := newFrame()
+		a.key("port").b = strconv.AppendUint(a.b, uint64(addr.port), 10)
+		a.str(family, addr.ip.String())
+		inner.raw("your-address", append(a.b, '}'))
+	}
+	return newFrame().raw("welcome", append(inner.b, '}')).done("welcome")
+}
+
+func ackFrame(id json.RawMessage) []byte { return newFrame().raw("id", id).done("ack") }
+
+func pongFrame(v json.RawMessage) []byte { return newFrame().raw("pong", v).done("pong") }
+
+func errorFrame(text string, orig []byte) []byte {
+	return newFrame().str("error", text).raw("orig", orig).done("error")
+}
+
+func nameplatesFrame(names []string) []byte {
+	w := newFrame().key("nameplates")
+	w.b = append(w.b, '[')
+	for i, name := range names {
+		if i > 0 {
+			w.b = append(w.b, ", "...)
+		}
+		w.b = append(w.b, `{"id": `...)
+		w.b = append(appendPyString(w.b, name), '}')
+	}
+	w.b = append(w.b, ']')
+	return w.done("nameplates")
+}
+
+func allocatedFrame(name string) []byte { return newFrame().str("nameplate", name).done("allocated") }
+
+func claimedFrame(mailboxID string) []byte {
+	return newFrame().str("mailbox", mailboxID).done("claimed")
+}
+
+func releasedFrame() []byte { return newFrame().done("released") }
+
+func closedFrame() []byte { return newFrame().done("closed") }
+
+func messageFrame(m message) []byte {
+	return newFrame().str("side", m.side).str("phase", m.phase).str("body", m.body).
+		float("server_rx", m.serverRx).raw("id", m.id).done("message")
+}
+
+// appendPyString appends s as a JSON string the way Python's json.dumps
+// writes it: only printable ASCII is written as is.
+func appendPyString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	for _, r := range s {
+		switch {
+		case r == '"' || r == '\\':
+			b = append(b, '\\', byte(r))
+		case r == '\n':
+			b = append(b, `\n`...)
+		case r == '\r':
+			b = append(b, `\r`...)
+		case r == '\t':
+			b = append(b, `\t`...)
+		case r == '\b':
+			b = append(b, `\b`...)
+		case r == '\f':
+			b = append(b, `\f`...)
+		case r >= 0x20 && r < 0x7f:
+			b = append(b, byte(r))
+		default:
+			if r > 0xffff { // written as a UTF-16 surrogate pair
+				r -= 0x10000
+				hi, lo := 0xd800+(r>>10), 0xdc00+(r&0x3ff)
+				b = append(b, '\\', 'u', hex[hi>>12], hex[hi>>8&15], hex[hi>>4&15], hex[hi&15])
+				r = lo
+			}
+			b = append(b, '\\', 'u', hex[r>>12&15], hex[r>>8&15], hex[r>>4&15], hex[r&15])
+		}
+	}
+	return append(b, '"')
+}
+
+// appendPyFloat appends f as Python's repr does: the shortest form that
+// reads back the same, always with a fraction or an exponent.
+func appendPyFloat(b []byte, f float64) []byte {
+	abs := math.Abs(f)
+	if abs != 0 && (abs < 1e-4 || abs >= 1e16) {
+		return strconv.AppendFloat(b, f, 'e', -1, 64)
+	}
+	start := len(b)
+	b = strconv.AppendFloat(b, f, 'f', -1, 64)
+	if !bytes.ContainsRune(b[start:], '.') {
+		b = append(b, ".0"...)
+	}
+	return b
+}

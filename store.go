@@ -1,0 +1,542 @@
+// store.go owns the channel journal (--channel-db): the file that lets the
+// server restart, or crash, without losing anything a client was told.
+//
+// The journal is a JSON-lines file. Each line records the whole new state
+// of one nameplate or mailbox (or that it was deleted), or one added
+// message, so replaying the lines in order rebuilds the registry, and a
+// compacted file (the live state only) uses the same lines.
+//
+// Every change is appended while the registry is locked, which gives it a
+// log sequence number (LSN). One writer goroutine takes all the lines
+// waiting, writes them with one write and makes them durable with one
+// fsync, then wakes everyone waiting for those LSNs (group commit). A
+// connection sends no frame until the journal is durable up to the LSN the
+// frame depends on, so whatever a client has seen survives kill -9.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+)
+
+// Compaction rewrites the journal with the live state only once the file
+// has grown to compactFactor times the size of the last rewrite, and is at
+// least compactMinBytes; mailboxes live minutes, so most lines are dead
+// soon, and the factor keeps the rewriting cost proportional to the
+// appending.
+const (
+	compactFactor   = 4
+	compactMinBytes = 1 << 20
+)
+
+// maxSpareBuffer is the largest write buffer the writer keeps for reuse;
+// a larger one, left by a burst, is returned to the garbage collector.
+const maxSpareBuffer = 1 << 20
+
+// Journal line kinds.
+const (
+	kindNameplate = "nameplate"
+	kindMailbox   = "mailbox"
+	kindMessage   = "message"
+)
+
+// record is one journal line. Which fields are used depends on Kind:
+//
+//	nameplate: App, Name, Mailbox (the mailbox it points at), Sides
+//	mailbox:   App, Mailbox (its id), ForNameplate, Updated, Sides
+//	message:   App, Mailbox, Side, Phase, Body, ServerRx, ID
+//
+// A nameplate or mailbox line with Deleted set records its deletion.
+type record struct {
+	Kind         string          `json:"kind"`
+	App          string          `json:"app"`
+	Name         string          `json:"name,omitempty"`
+	Mailbox      string          `json:"mailbox"`
+	Deleted      bool            `json:"deleted,omitempty"`
+	ForNameplate bool            `json:"for_nameplate,omitempty"`
+	Updated      float64         `json:"updated,omitempty"`
+	Sides        []sideRecord    `json:"sides,omitempty"`
+	Side         string          `json:"side,omitempty"`
+	Phase        string          `json:"phase,omitempty"`
+	Body         string          `json:"body,omitempty"`
+	ServerRx     float64         `json:"server_rx,omitempty"`
+	ID           json.RawMessage `json:"id,omitempty"`
+}
+
+// sideRecord is one side of a nameplate (Claimed) or mailbox (Opened, Mood).
+type sideRecord struct {
+	Side    string  `json:"side"`
+	Added   float64 `json:"added"`
+	Claimed bool    `json:"claimed,omitempty"`
+	Opened  bool    `json:"opened,omitempty"`
+	Mood    string  `json:"mood,omitempty"`
+}
+
+// store is the open journal. A nil *store keeps nothing: every method
+// returns at once, and the server runs from memory alone.
+type store struct {
+	path  string
+	fsync bool // false: write without fsync (--fsync=never), for benchmarks only
+	log   *slog.Logger
+	m     *metrics
+	// snapshot returns the live state as journal lines, with the LSN they
+	// cover, discarding lines not yet written (the snapshot includes them).
+	snapshot func() ([]byte, uint64)
+	// onFail is told when the journal fails; the server then stops.
+	onFail func(error)
+
+	appended atomic.Uint64 // LSN of the last line appended
+	durable  atomic.Uint64 // LSN of the last line on disk
+
+	mu       sync.Mutex
+	wake     sync.Cond // the writer waits here for lines
+	advanced sync.Cond // connections wait here for durable to advance
+	pending  []byte    // lines appended and not yet written
+	spare    []byte
+	failed   error // set when a write fails; nothing is durable after it
+	closing  bool
+
+	f        *os.File // open, locked, positioned at its end; used by the writer only
+	size     int64    // bytes in f
+	liveSize int64    // bytes written by the last compaction
+	done     chan struct{}
+}
+
+// openStore opens (or creates) the journal at path, locks it against a
+// second server, replays it into reg, and starts the writer. A torn last
+// line, left by a crash in the middle of a write, is dropped; any other
+// unreadable line is an error naming the file and line.
+func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metrics) (*store, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := lockFile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s is in use by another server (%v)", path, err)
+	}
+	good, err := replay(f, path, reg)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if end, _ := f.Seek(0, io.SeekEnd); end != good {
+		log.Warn("dropping torn last line of the journal", "file", path, "bytes", end-good)
+		if err := f.Truncate(good); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	if _, err := f.Seek(good, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	s := &store{path: path, fsync: fsync, log: log, m: m, f: f, size: good, done: make(chan struct{})}
+	s.wake.L, s.advanced.L = &s.mu, &s.mu
+	s.snapshot = func() ([]byte, uint64) { return reg.snapshot(s) }
+	go s.run()
+	return s, nil
+}
+
+// lockFile takes an advisory lock on f, refused at once if another
+// process holds it.
+func lockFile(f *os.File) error {
+	return syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+}
+
+// replay applies every whole line of the journal to reg and returns the
+// offset after the last whole line.
+func replay(f *os.File, path string, reg *registry) (int64, error) {
+	r := bufio.NewReaderSize(f, 64<<10)
+	var offset int64
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for lineNo := 1; ; lineNo++ {
+		line, err := r.ReadSlice('\n')
+		for err == bufio.ErrBufferFull { // a line longer than the buffer
+			more, e := r.ReadSlice('\n')
+			line, err = append(bytes.Clone(line), more...), e
+		}
+		if err == io.EOF {
+			return offset, nil // anything after the last newline is a torn write
+		}
+		if err != nil {
+			return 0, err
+		}
+		var rec record
+		if err := json.Unmarshal(line, &rec); err != nil {
+			return 0, fmt.Errorf("%s:%d: %v", path, lineNo, err)
+		}
+		if err := reg.restoreLocked(&rec); err != nil {
+			return 0, fmt.Errorf("%s:%d: %v", path, lineNo, err)
+		}
+		offset += int64(len(line))
+	}
+}
+
+// lastLSN is the LSN of the last line appended. Frames queued now depend
+// on at most that much of the journal.
+func (s *store) lastLSN() uint64 {
+	if s == nil {
+		return 0
+	}
+	return s.appended.Load()
+}
+
+// append queues one line. It is called with the registry locked, so lines
+// are in the order the registry changed.
+func (s *store) append(rec *record) {
+	if s == nil {
+		return
+	}
+	line, err := json.Marshal(rec)
+	if err != nil {
+		panic(err) // records hold only strings, numbers and valid raw JSON
+	}
+	s.mu.Lock()
+	s.pending = append(append(s.pending, line...), '\n')
+	s.appended.Add(1)
+	s.mu.Unlock()
+	s.wake.Signal()
+}
+
+// waitDurable blocks until every line up to lsn is on disk, or the
+// journal has failed.
+func (s *store) waitDurable(lsn uint64) error {
+	if s == nil || s.durable.Load() >= lsn {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.durable.Load() < lsn && s.failed == nil {
+		s.advanced.Wait()
+	}
+	return s.failed
+}
+
+// run is the writer goroutine: it writes what is pending, in batches.
+func (s *store) run() {
+	defer close(s.done)
+	for {
+		s.mu.Lock()
+		for len(s.pending) == 0 && !s.closing {
+			s.wake.Wait()
+		}
+		if len(s.pending) == 0 {
+			s.mu.Unlock()
+			return // closing, and everything is written
+		}
+		batch, lsn := s.pending, s.appended.Load()
+		s.pending = s.spare[:0]
+		s.mu.Unlock()
+
+		err := s.write(batch)
+
+		s.mu.Lock()
+		if cap(batch) <= maxSpareBuffer {
+			s.spare = batch
+		} else {
+			s.spare = nil
+		}
+		s.finishLocked(lsn, err)
+		s.mu.Unlock()
+		if err != nil {
+			return
+		}
+		if s.size >= compactMinBytes && s.size > compactFactor*s.liveSize {
+			if err := s.compact(); err != nil {
+				s.mu.Lock()
+				s.finishLocked(0, err)
+				s.mu.Unlock()
+				return
+			}
+		}
+	}
+}
+
+// finishLocked records the outcome of a write and wakes the waiters.
+func (s *store) finishLocked(lsn uint64, err error) {
+	if err != nil {
+		s.failed = fmt.Errorf("journal %s: %w", s.path, err)
+		s.log.Error("journal write failed; nothing more can be made durable", "err", err)
+		if s.onFail != nil {
+			s.onFail(s.failed)
+		}
+	} else if lsn > s.durable.Load() {
+		s.durable.Store(lsn)
+	}
+	s.advanced.Broadcast()
+}
+
+// write appends a batch of lines and makes it durable.
+func (s *store) write(batch []byte) error {
+	if _, err := s.f.Write(batch); err != nil {
+		return err
+	}
+	s.size += int64(len(batch))
+	s.m.journalBytes.Add(int64(len(batch)))
+	if !s.fsync {
+		return nil
+	}
+	s.m.journalSyncs.Add(1)
+	return s.f.Sync()
+}
+
+// compact replaces the journal with the live state only. The new file is
+// written beside the old one, synced, locked, and renamed over it, and
+// the directory is synced, so a crash at any moment leaves either the old
+// file or the new one, whole.
+func (s *store) compact() error {
+	data, lsn := s.snapshot()
+	dir := filepath.Dir(s.path)
+	tmp, err := os.CreateTemp(dir, filepath.Base(s.path)+".compact-*")
+	if err != nil {
+		return err
+	}
+	keep := false
+	defer func() {
+		if !keep {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err := tmp.Write(data); err != nil {
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		return err
+	}
+	if err := lockFile(tmp); err != nil {
+		return err
+	}
+	if err := os.Chmod(tmp.Name(), 0o600); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), s.path); err != nil {
+		return err
+	}
+	keep = true
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	old := s.f
+	s.f, s.size, s.liveSize = tmp, int64(len(data)), int64(len(data))
+	old.Close()
+	s.m.compactions.Add(1)
+	s.log.Info("journal compacted", "file", s.path, "bytes", len(data))
+	s.mu.Lock()
+	s.finishLocked(lsn, nil)
+	s.mu.Unlock()
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// discardPending drops the lines not yet written and returns the LSN of
+// the last one. The registry calls it, locked, when it takes a snapshot.
+func (s *store) discardPending() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pending = s.pending[:0]
+	return s.appended.Load()
+}
+
+// close writes what is pending, syncs, and closes the file.
+func (s *store) close() error {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
+	s.wake.Signal()
+	<-s.done
+	s.mu.Lock()
+	failed := s.failed
+	s.mu.Unlock()
+	if err := s.f.Sync(); err != nil && failed == nil {
+		failed = err
+	}
+	return errors.Join(failed, s.f.Close())
+}
+
+// err reports whether the journal has failed.
+func (s *store) err() error {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.failed
+}
+
+// The registry records its changes through these.
+
+func (s *store) nameplate(a *app, np *nameplate) {
+	if s == nil {
+		return
+	}
+	s.append(nameplateRecord(a, np))
+}
+
+func (s *store) mailbox(mb *mailbox) {
+	if s == nil {
+		return
+	}
+	s.append(mailboxRecord(mb))
+}
+
+func (s *store) message(mb *mailbox, m message) {
+	if s == nil {
+		return
+	}
+	s.append(messageRecord(mb, m))
+}
+
+func (s *store) deleted(kind, appID, key string) {
+	if s == nil {
+		return
+	}
+	rec := &record{Kind: kind, App: appID, Deleted: true}
+	if kind == kindNameplate {
+		rec.Name = key
+	} else {
+		rec.Mailbox = key
+	}
+	s.append(rec)
+}
+
+func nameplateRecord(a *app, np *nameplate) *record {
+	rec := &record{Kind: kindNameplate, App: a.id, Name: np.name, Mailbox: np.mailbox.id}
+	for _, side := range np.sides {
+		rec.Sides = append(rec.Sides, sideRecord{Side: side.side, Added: side.added, Claimed: side.claimed})
+	}
+	return rec
+}
+
+func mailboxRecord(mb *mailbox) *record {
+	rec := &record{Kind: kindMailbox, App: mb.app.id, Mailbox: mb.id, ForNameplate: mb.forNameplate, Updated: mb.updated}
+	for _, side := range mb.sides {
+		rec.Sides = append(rec.Sides, sideRecord{Side: side.side, Added: side.added, Opened: side.opened, Mood: side.mood})
+	}
+	return rec
+}
+
+func messageRecord(mb *mailbox, m message) *record {
+	return &record{Kind: kindMessage, App: mb.app.id, Mailbox: mb.id,
+		Side: m.side, Phase: m.phase, Body: m.body, ServerRx: m.serverRx, ID: m.id}
+}
+
+// snapshot returns the registry's live state as journal lines: every
+// mailbox, then every nameplate, then every message. The copies are taken
+// with the registry locked and encoded after it is unlocked.
+func (r *registry) snapshot(s *store) ([]byte, uint64) {
+	r.mu.Lock()
+	var recs []*record
+	for _, a := range r.apps {
+		for _, mb := range a.mailboxes {
+			recs = append(recs, mailboxRecord(mb))
+		}
+		for _, np := range a.nameplates {
+			recs = append(recs, nameplateRecord(a, np))
+		}
+		for _, mb := range a.mailboxes {
+			for _, m := range mb.messages {
+				recs = append(recs, messageRecord(mb, m))
+			}
+		}
+	}
+	lsn := s.discardPending()
+	r.mu.Unlock()
+
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	for _, rec := range recs {
+		enc.Encode(rec)
+	}
+	return buf.Bytes(), lsn
+}
+
+// restoreLocked applies one journal line to the registry.
+func (r *registry) restoreLocked(rec *record) error {
+	a := r.appLocked(rec.App)
+	defer r.dropIfEmptyLocked(a)
+	switch rec.Kind {
+	case kindMailbox:
+		mb := a.mailboxes[rec.Mailbox]
+		if rec.Deleted {
+			if mb != nil {
+				r.forgetMailboxLocked(mb)
+			}
+			return nil
+		}
+		if mb == nil {
+			mb = &mailbox{app: a, id: rec.Mailbox}
+			a.mailboxes[mb.id] = mb
+			r.mailboxN++
+			r.metrics.mailboxes.Add(1)
+		}
+		mb.forNameplate, mb.updated = rec.ForNameplate, rec.Updated
+		mb.sides = mb.sides[:0]
+		for _, side := range rec.Sides {
+			mb.sides = append(mb.sides, mailboxSide{side: side.Side, opened: side.Opened, added: side.Added, mood: side.Mood})
+		}
+	case kindNameplate:
+		np := a.nameplates[rec.Name]
+		if rec.Deleted {
+			if np != nil {
+				r.forgetNameplateLocked(a, np)
+			}
+			return nil
+		}
+		mb := a.mailboxes[rec.Mailbox]
+		if mb == nil {
+			return fmt.Errorf("nameplate %q points at unknown mailbox %q", rec.Name, rec.Mailbox)
+		}
+		if np == nil {
+			np = &nameplate{name: rec.Name}
+			a.nameplates[np.name] = np
+			r.nameplateN++
+			r.metrics.nameplates.Add(1)
+		}
+		np.mailbox = mb
+		np.sides = np.sides[:0]
+		for _, side := range rec.Sides {
+			np.sides = append(np.sides, nameplateSide{side: side.Side, claimed: side.Claimed, added: side.Added})
+		}
+	case kindMessage:
+		mb := a.mailboxes[rec.Mailbox]
+		if mb == nil {
+			return fmt.Errorf("message for unknown mailbox %q", rec.Mailbox)
+		}
+		id := rec.ID
+		if id == nil {
+			id = jsonNull
+		}
+		m := message{side: rec.Side, phase: rec.Phase, body: rec.Body, serverRx: rec.ServerRx, id: id}
+		mb.messages = append(mb.messages, m)
+		mb.bytes += m.size()
+		r.storedBytes += int64(m.size())
+		mb.updated = m.serverRx
+	default:
+		return fmt.Errorf("unknown kind %q", rec.Kind)
+	}
+	return nil
+}
