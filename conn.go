@@ -1,10 +1,15 @@
 // conn.go owns one WebSocket connection's life: the upgrade, the reading
 // of frames, the queue of frames to send, keepalive pings, and closing.
 //
+// A mailbox server mostly holds idle connections (a sender waits minutes
+// for its receiver), so an idle connection is kept cheap: one goroutine,
+// started fresh after the handshake so its stack holds only the read it
+// waits in, and two small buffers.
+//
 // Each connection has exactly one goroutine that reads it. Frames to send
 // are appended to the connection's outbox, which never blocks: a writer
 // goroutine is started when the outbox gets its first frame and exits when
-// it is empty, so an idle connection costs one goroutine, not two. Frames
+// it is empty. It writes everything queued in one system call. Frames
 // leave in the order they were queued, and none leaves before the journal
 // holds what it reports (store.go). A client that does not keep up, so
 // that its outbox outgrows its limit, is disconnected; it never slows
@@ -65,12 +70,20 @@ const (
 	// so that a waiting client is never cut off before its channel.
 	idleTimeout = 12 * time.Minute
 
-	// readBufferSize and writeBufferSize size each connection's buffers:
-	// enough for a typical whole frame, so most frames take one system
-	// call, and small, because idle connections are what a mailbox server
-	// mostly holds.
-	readBufferSize  = 1 << 10
-	writeBufferSize = 1 << 10
+	// readBufferSize sizes each connection's read buffer: enough for a
+	// typical whole client frame (a "bind" or an "add" of a PAKE message
+	// is under 300 bytes), so most frames take one system call, and small,
+	// because idle connections are what a mailbox server mostly holds.
+	readBufferSize = 512
+
+	// writeBufferSize sizes the buffer x/net/websocket writes frames
+	// through. It only passes them on to the batch being written (see
+	// batch), so it can be tiny.
+	writeBufferSize = 64
+
+	// maxPooledBatch is the largest batch buffer kept for reuse; a larger
+	// one, left by replaying a big mailbox, is given back to the GC.
+	maxPooledBatch = 64 << 10
 
 	// closeTimeout is how long the server, having sent a close frame,
 	// reads (and discards) what the client still sends, waiting for it to
@@ -104,6 +117,7 @@ var (
 	errBadFrame     = errors.New("protocol violation")
 	errSlowClient   = errors.New("client not reading")
 	errShutdown     = errors.New("server shutting down")
+	errOverLimit    = errors.New("over the connection limit")
 )
 
 // clientAddr is where a client connects from: its TCP peer address, or
@@ -134,6 +148,9 @@ type connection struct {
 	ws       *websocket.Conn
 	netConn  net.Conn
 	br       *bufio.Reader // what ws reads frames from; peeked for headers
+	batch    batch         // where ws writes frames to
+	handover handedOver    // the connection as ws sees it
+	limitErr string        // why the client may not stay, if over a limit
 	openedAt time.Time
 
 	// outMu guards the outbox and the fields after it.
@@ -174,18 +191,52 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	}
 	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
 	c.session = session{srv: srv, out: c, addr: addr}
-	handshake := handshakeRequest(r)
+	c.batch.conn, c.handover.Conn = netConn, netConn
+	c.limitErr = srv.connected(c)
+
+	// The handshake response and the welcome are written to a batch and
+	// leave together when the handshake is done.
+	c.batch.begin()
+	ws := websocket.Server{
+		Config:    websocket.Config{Header: http.Header{"Server": {srv.serverHeader}}},
+		Handshake: func(*websocket.Config, *http.Request) error { return nil }, // any Origin, or none
+		Handler:   c.accept,
+	}
+	rw := bufio.NewReadWriter(c.br, bufio.NewWriterSize(&c.batch, writeBufferSize))
+	ws.ServeHTTP(&hijacked{conn: &c.handover, rw: rw}, handshakeRequest(r))
+	if err := c.batch.end(); err != nil || c.ws == nil { // failed, or refused (and x/net's answer sent)
+		netConn.Close()
+		srv.disconnected(c)
+		return
+	}
 	srv.connWG.Add(1)
-	go func() {
-		defer srv.connWG.Done()
-		ws := websocket.Server{
-			Config:    websocket.Config{Header: http.Header{"Server": {srv.serverHeader}}},
-			Handshake: func(*websocket.Config, *http.Request) error { return nil }, // any Origin, or none
-			Handler:   c.run,
-		}
-		ws.ServeHTTP(&hijacked{conn: netConn, rw: bufio.NewReadWriter(c.br, bufio.NewWriterSize(netConn, writeBufferSize))}, handshake)
-	}()
+	go c.serve()
 }
+
+// accept is x/net/websocket's Handler: it runs once the handshake has
+// succeeded, writes the welcome, and takes the connection over. It
+// returns at once, and the library's goroutine (net/http's, which ran
+// the handshake) exits; the connection's own goroutine is started by
+// serveWebSocket.
+func (c *connection) accept(ws *websocket.Conn) {
+	c.ws = ws
+	welcome := c.srv.welcome
+	if c.limitErr != "" {
+		welcome.signalError = c.limitErr
+	}
+	c.writeFrame(ws, welcomeFrame(welcome, c.addr), websocket.TextFrame)
+}
+
+// handedOver is the connection as x/net/websocket sees it. The library
+// closes it when its Handler returns, but this server's Handler returns
+// as soon as it has taken the connection over (see accept); and when the
+// handshake is refused, the library's answer is still in the batch. So the
+// library's Close does nothing, and this server closes the connection
+// itself: after a refusal, once the answer is sent, and otherwise when the
+// connection's goroutine is done.
+type handedOver struct{ net.Conn }
+
+func (h *handedOver) Close() error { return nil }
 
 // handshakeRequest copies what the WebSocket handshake needs from r, so
 // the rest of the request can be freed. The subprotocol header is left
@@ -237,45 +288,74 @@ func (srv *server) clientAddr(r *http.Request) (clientAddr, bool) {
 	return clientAddr{ip: ap.Addr().Unmap(), port: ap.Port()}, true
 }
 
-// run is the connection's life after the handshake: welcome, then read
-// and handle messages until the client leaves or misbehaves.
-func (c *connection) run(ws *websocket.Conn) {
-	c.ws = ws
-	srv := c.srv
-	limitErr := srv.connected(c)
-	defer srv.disconnected(c)
-	srv.log.Debug("connection opened", "client", srv.logAddr(c.addr))
-
-	welcome := srv.welcome
-	if limitErr != "" {
-		welcome.signalError = limitErr
-	}
-	c.enqueue(welcomeFrame(welcome, c.addr), 0)
-	if limitErr != "" {
-		c.end(closePolicy, errors.New(limitErr))
-	} else {
-		c.outMu.Lock()
-		c.pinger = time.AfterFunc(srv.pingInterval, c.ping)
-		c.outMu.Unlock()
-		err := c.readLoop()
-		c.outMu.Lock()
-		c.pinger.Stop()
-		c.outMu.Unlock()
-		c.disconnected()
-		switch {
-		case errors.Is(err, errClientClosed):
-			c.end(closeNormal, err)
-		case errors.Is(err, errTooBig):
-			c.end(closeTooBig, err)
-		case errors.Is(err, errBadInput):
-			c.end(closeBadData, err)
-		case errors.Is(err, errBadFrame):
-			c.end(closeProtocol, err)
-		case err != nil && !isNetClose(err):
-			c.end(closeInternalFail, err)
-		default:
-			c.abort(err) // the client went away, or the server cut it off
+// serve is the connection's goroutine: it reads and handles messages
+// until the client leaves or misbehaves, then closes the connection.
+//
+// While the client is idle this goroutine waits in readMessage, and its
+// stack holds only serve, readMessage and the read itself. Keeping that
+// chain short (the work of handling a message, starting and finishing is
+// done in callees) lets the runtime shrink the stack to 4 KiB, which is
+// most of what an idle connection costs.
+func (c *connection) serve() {
+	err := c.start()
+	for err == nil {
+		var msg []byte
+		if msg, err = c.readMessage(); err == nil {
+			err = c.received(msg)
 		}
+	}
+	c.finish(err)
+}
+
+// start logs the connection and starts its keepalive pings, or, if the
+// client's address is over its connection limit, ends it.
+func (c *connection) start() error {
+	c.srv.log.Info("connection opened", "client", c.srv.logAddr(c.addr))
+	if c.limitErr != "" {
+		return errOverLimit
+	}
+	c.outMu.Lock()
+	c.pinger = time.AfterFunc(c.srv.pingInterval, c.ping)
+	c.outMu.Unlock()
+	return nil
+}
+
+// received handles one message.
+func (c *connection) received(msg []byte) error {
+	if c.srv.logMessages {
+		c.srv.log.Info("recv", "client", c.srv.logAddr(c.addr), "msg", shorten(msg))
+	}
+	return c.handle(msg)
+}
+
+// finish ends the connection for the reason err: with a close frame
+// after what the client is owed, or at once if it is gone.
+func (c *connection) finish(err error) {
+	srv := c.srv
+	defer srv.connWG.Done()
+	defer srv.disconnected(c)
+	defer c.netConn.Close()
+	c.outMu.Lock()
+	if c.pinger != nil {
+		c.pinger.Stop()
+	}
+	c.outMu.Unlock()
+	c.disconnected()
+	switch {
+	case errors.Is(err, errOverLimit):
+		c.end(closePolicy, errors.New(c.limitErr))
+	case errors.Is(err, errClientClosed):
+		c.end(closeNormal, err)
+	case errors.Is(err, errTooBig):
+		c.end(closeTooBig, err)
+	case errors.Is(err, errBadInput):
+		c.end(closeBadData, err)
+	case errors.Is(err, errBadFrame):
+		c.end(closeProtocol, err)
+	case !isNetClose(err):
+		c.end(closeInternalFail, err)
+	default:
+		c.abort(err) // the client went away, or the server cut it off
 	}
 	c.waitFlushed()
 	c.linger()
@@ -283,24 +363,8 @@ func (c *connection) run(ws *websocket.Conn) {
 	if reason != nil && !errors.Is(reason, errClientClosed) {
 		srv.metrics.drop(reason.Error())
 	}
-	srv.log.Debug("connection closed", "client", srv.logAddr(c.addr),
+	srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
 		"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", reason)
-}
-
-// readLoop reads and handles messages until an error.
-func (c *connection) readLoop() error {
-	for {
-		msg, err := c.readMessage()
-		if err != nil {
-			return err
-		}
-		if c.srv.logMessages {
-			c.srv.log.Info("recv", "client", c.srv.logAddr(c.addr), "msg", shorten(msg))
-		}
-		if err := c.handle(msg); err != nil {
-			return err
-		}
-	}
 }
 
 // readMessage returns the next whole message, reassembling fragments,
@@ -450,36 +514,77 @@ func (c *connection) flush() {
 			return
 		}
 		c.outMu.Unlock()
-		if err := c.write(batch); err != nil {
+		if err := c.writeBatch(batch); err != nil {
 			c.abort(err)
 		}
 	}
 }
 
-// write sends a batch of frames, once the journal holds what they report.
-func (c *connection) write(batch []outFrame) error {
+// writeBatch sends a batch of frames, once the journal holds what they report.
+func (c *connection) writeBatch(batch []outFrame) error {
 	if err := c.srv.reg.journal.waitDurable(batch[len(batch)-1].lsn); err != nil {
 		return err
 	}
+	c.batch.begin()
+	closing := false
 	for _, f := range batch {
 		if c.srv.logMessages && f.opcode == websocket.TextFrame {
 			c.srv.log.Info("send", "client", c.srv.logAddr(c.addr), "msg", shorten(f.data))
 		}
-		c.netConn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		c.ws.PayloadType = f.opcode
-		if _, err := c.ws.Write(f.data); err != nil {
-			return err
+		c.writeFrame(c.ws, f.data, f.opcode)
+		closing = closing || f.opcode == websocket.CloseFrame
+	}
+	if err := c.batch.end(); err != nil {
+		return err
+	}
+	if closing {
+		if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
 		}
-		c.srv.metrics.framesSent.Add(1)
-		if f.opcode == websocket.CloseFrame {
-			if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok {
-				cw.CloseWrite()
-			}
-			c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
-			return nil
-		}
+		c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
 	}
 	return nil
+}
+
+// writeFrame encodes one frame into the batch being written.
+func (c *connection) writeFrame(ws *websocket.Conn, data []byte, opcode byte) {
+	ws.PayloadType = opcode
+	ws.Write(data) // into memory: it cannot fail
+	c.srv.metrics.framesSent.Add(1)
+}
+
+// batch gathers the frames of one writer pass, so they leave in one
+// system call. x/net/websocket writes each frame through a small
+// bufio.Writer, which empties here; outside a pass (there is none after
+// the handshake) writes would go straight to the connection.
+type batch struct {
+	conn net.Conn
+	buf  *[]byte // the frames gathered, while a pass is under way
+}
+
+var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func (b *batch) begin() { b.buf = batchPool.Get().(*[]byte) }
+
+func (b *batch) Write(p []byte) (int, error) {
+	if b.buf == nil {
+		return b.conn.Write(p)
+	}
+	*b.buf = append(*b.buf, p...)
+	return len(p), nil
+}
+
+// end writes what was gathered, within writeTimeout.
+func (b *batch) end() error {
+	buf := b.buf
+	b.buf = nil
+	b.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	_, err := b.conn.Write(*buf)
+	if cap(*buf) <= maxPooledBatch {
+		*buf = (*buf)[:0]
+		batchPool.Put(buf)
+	}
+	return err
 }
 
 // end queues a close frame with this status after whatever is queued.

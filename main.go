@@ -96,6 +96,8 @@ type config struct {
 	maxMessageBytes  int
 	maxConnsPerAddr  int
 	nameplatesPerMin int
+	pruneInterval    time.Duration // pruneInterval unless a test sets another
+	channelExpiry    time.Duration // channelExpiry unless a test sets another
 }
 
 // run is the whole program; main only supplies the process's context,
@@ -162,10 +164,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.Info("metrics listening", "url", fmt.Sprintf("http://%s/debug/vars", mln.Addr()))
 	}
 
-	pruneCtx, stopPruning := context.WithCancel(ctx)
-	defer stopPruning()
-	go srv.pruneEvery(pruneCtx, pruneInterval, channelExpiry)
-
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -195,7 +193,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
-	cfg := config{limits: defaultLimits}
+	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry}
 	fs := flag.NewFlagSet("wormhole-mailbox", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
@@ -309,11 +307,13 @@ func newLogger(format string, w io.Writer) *slog.Logger {
 // server is the mailbox service: the registry, its journal and usage
 // log, and the connections using them.
 type server struct {
-	reg     *registry
-	metrics *metrics
-	limiter *limiter
-	log     *slog.Logger
-	failed  chan error // the journal failed, and the server must stop
+	reg         *registry
+	metrics     *metrics
+	limiter     *limiter
+	log         *slog.Logger
+	failed      chan error // the journal failed, and the server must stop
+	stopPruning context.CancelFunc
+	pruned      chan struct{} // closed when the prune loop has stopped
 
 	welcome         welcomeInfo
 	serverHeader    string
@@ -383,7 +383,10 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	if cfg.blurUsage > 0 {
 		log.Info("blurring access times", "seconds", cfg.blurUsage)
 	}
-	srv.prune(channelExpiry)
+	srv.prune(cfg.channelExpiry)
+	ctx, cancel := context.WithCancel(context.Background())
+	srv.stopPruning, srv.pruned = cancel, make(chan struct{})
+	go srv.pruneEvery(ctx, cfg.pruneInterval, cfg.channelExpiry)
 	return srv, nil
 }
 
@@ -450,6 +453,7 @@ func (srv *server) logAddr(a clientAddr) string {
 
 // pruneEvery prunes expired channels every interval until ctx ends.
 func (srv *server) pruneEvery(ctx context.Context, interval, expiry time.Duration) {
+	defer close(srv.pruned)
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -531,6 +535,8 @@ func (srv *server) close() error {
 	if srv.closed.Swap(true) {
 		return nil
 	}
+	srv.stopPruning()
+	<-srv.pruned
 	err := srv.reg.journal.close()
 	srv.reg.usage.close()
 	return err

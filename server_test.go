@@ -40,7 +40,7 @@ type testServer struct {
 // default limits, no per-address limits (tests connect from one address).
 func testConfig() config {
 	return config{channelDB: ":memory:", fsync: true, blurUsage: -1, allowList: true, limits: defaultLimits,
-		maxMessageBytes: maxMessageBytes, logFormat: "text"}
+		maxMessageBytes: maxMessageBytes, logFormat: "text", pruneInterval: pruneInterval, channelExpiry: channelExpiry}
 }
 
 // startServer starts a server with cfg, stopped when the test ends.
