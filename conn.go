@@ -158,6 +158,7 @@ type connection struct {
 	outbox    []outFrame
 	outBytes  int
 	flushing  bool          // a writer goroutine is running
+	held      bool          // a message of this client's is being handled: the writer waits (see hold)
 	closing   bool          // a close frame is queued, or the connection failed: queue nothing more
 	flushDone chan struct{} // closed when the writer exits, if someone waits
 	endReason error         // why the server ended the connection, if it did
@@ -192,7 +193,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
 	c.session = session{srv: srv, out: c, addr: addr}
 	c.batch.conn, c.handover.Conn = netConn, netConn
-	c.limitErr = srv.connected(c)
+	c.limitErr = srv.admit(c)
 
 	// The handshake response and the welcome are written to a batch and
 	// leave together when the handshake is done.
@@ -206,10 +207,10 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	ws.ServeHTTP(&hijacked{conn: &c.handover, rw: rw}, handshakeRequest(r))
 	if err := c.batch.end(); err != nil || c.ws == nil { // failed, or refused (and x/net's answer sent)
 		netConn.Close()
-		srv.disconnected(c)
+		srv.release(c)
 		return
 	}
-	srv.connWG.Add(1)
+	srv.track(c)
 	go c.serve()
 }
 
@@ -332,8 +333,7 @@ func (c *connection) received(msg []byte) error {
 // after what the client is owed, or at once if it is gone.
 func (c *connection) finish(err error) {
 	srv := c.srv
-	defer srv.connWG.Done()
-	defer srv.disconnected(c)
+	defer srv.untrack(c)
 	defer c.netConn.Close()
 	c.outMu.Lock()
 	if c.pinger != nil {
@@ -493,26 +493,53 @@ func (c *connection) queue(f outFrame) {
 	if f.opcode == websocket.CloseFrame {
 		c.closing = true
 	}
-	if !c.flushing {
+	c.startWriterLocked()
+}
+
+// hold keeps the writer from taking frames until release. While a client
+// message is handled, its ack is queued first, before the changes it
+// acknowledges are journaled; held, it cannot leave before them.
+func (c *connection) hold() {
+	c.outMu.Lock()
+	c.held = true
+	c.outMu.Unlock()
+}
+
+// release lets the writer take the frames queued, which may depend on the
+// journal up to lsn.
+func (c *connection) release(lsn uint64) {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	c.held = false
+	for i := range c.outbox {
+		c.outbox[i].lsn = max(c.outbox[i].lsn, lsn)
+	}
+	c.startWriterLocked()
+}
+
+func (c *connection) startWriterLocked() {
+	if !c.flushing && !c.held && len(c.outbox) > 0 {
 		c.flushing = true
 		go c.flush()
 	}
 }
 
-// flush is the writer goroutine: it writes the outbox until it is empty.
+// flush is the writer goroutine: it writes the outbox until it is empty
+// (or held).
 func (c *connection) flush() {
 	for {
 		c.outMu.Lock()
 		batch := c.outbox
-		c.outbox, c.outBytes = nil, 0
-		if len(batch) == 0 {
+		if len(batch) == 0 || c.held {
 			c.flushing = false
-			if c.flushDone != nil {
+			if c.flushDone != nil && len(batch) == 0 {
 				close(c.flushDone)
+				c.flushDone = nil
 			}
 			c.outMu.Unlock()
 			return
 		}
+		c.outbox, c.outBytes = nil, 0
 		c.outMu.Unlock()
 		if err := c.writeBatch(batch); err != nil {
 			c.abort(err)

@@ -327,10 +327,11 @@ type server struct {
 	maxOutboxBytes  int
 	clock           func() time.Time
 
-	connsMu sync.Mutex
-	conns   map[*connection]struct{}
-	connWG  sync.WaitGroup // one per connection goroutine
-	closed  atomic.Bool
+	connsMu      sync.Mutex
+	conns        map[*connection]struct{} // connections past the handshake
+	shuttingDown bool                     // closeConnections has begun
+	connWG       sync.WaitGroup           // one per connection in conns
+	closed       atomic.Bool
 }
 
 // newServer opens the journal and usage log, replays the journal, and
@@ -419,12 +420,9 @@ func (srv *server) handler() http.Handler {
 	})
 }
 
-// connected registers a new connection. It returns an error text if the
-// client's address already has as many connections as it may.
-func (srv *server) connected(c *connection) string {
-	srv.connsMu.Lock()
-	srv.conns[c] = struct{}{}
-	srv.connsMu.Unlock()
+// admit counts a new connection against its address's limit. It returns
+// an error text if the address already has as many connections as it may.
+func (srv *server) admit(c *connection) string {
 	srv.metrics.connections.Add(1)
 	srv.metrics.connectionsTotal.Add(1)
 	if !srv.limiter.connect(c.addr.ip) {
@@ -434,12 +432,31 @@ func (srv *server) connected(c *connection) string {
 	return ""
 }
 
-func (srv *server) disconnected(c *connection) {
+// release undoes admit.
+func (srv *server) release(c *connection) {
 	srv.limiter.disconnect(c.addr.ip)
+	srv.metrics.connections.Add(-1)
+}
+
+// track records a connection whose handshake is done, so that shutdown
+// can close it; during shutdown it is told to go at once.
+func (srv *server) track(c *connection) {
+	srv.connsMu.Lock()
+	defer srv.connsMu.Unlock()
+	srv.conns[c] = struct{}{}
+	srv.connWG.Add(1)
+	if srv.shuttingDown {
+		c.end(closeGoingAway, errShutdown)
+	}
+}
+
+// untrack forgets a connection that has ended.
+func (srv *server) untrack(c *connection) {
 	srv.connsMu.Lock()
 	delete(srv.conns, c)
 	srv.connsMu.Unlock()
-	srv.metrics.connections.Add(-1)
+	srv.release(c)
+	srv.connWG.Done()
 }
 
 // logAddr is how a client's address appears in the log: not at all when
@@ -511,6 +528,7 @@ func (srv *server) healthy() error {
 // owed, and waits for the connections to end, or for ctx.
 func (srv *server) closeConnections(ctx context.Context) {
 	srv.connsMu.Lock()
+	srv.shuttingDown = true
 	for c := range srv.conns {
 		c.end(closeGoingAway, errShutdown)
 	}

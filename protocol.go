@@ -167,9 +167,12 @@ func validNameplate(name string) bool {
 // A sender takes a session's encoded frames in order. In the server it is
 // the connection's outbox (conn.go); lsn is the journal position the frame
 // depends on, and the frame must not reach the client before the journal
-// is durable up to it.
+// is durable up to it. While a message is handled the sender is held:
+// nothing leaves until release says what the frames depend on.
 type sender interface {
 	enqueue(frame []byte, lsn uint64)
+	hold()
+	release(lsn uint64)
 }
 
 // session is one connection's protocol state (§3). Its fields are guarded
@@ -210,6 +213,8 @@ func (s *session) handle(raw []byte) error {
 	reg := s.srv.reg
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
+	s.out.hold()
+	defer func() { s.out.release(reg.journal.lastLSN()) }() // before the unlock: deferred calls run last first
 	if !msg.has("type") {
 		s.fail(errMissingType, msg)
 		return nil
