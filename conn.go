@@ -205,12 +205,11 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	}
 	rw := bufio.NewReadWriter(c.br, bufio.NewWriterSize(&c.batch, writeBufferSize))
 	ws.ServeHTTP(&hijacked{conn: &c.handover, rw: rw}, handshakeRequest(r))
-	if err := c.batch.end(); err != nil || c.ws == nil { // failed, or refused (and x/net's answer sent)
+	if err := c.batch.end(); err != nil || c.ws == nil || !srv.track(c) { // failed, refused, or too late
 		netConn.Close()
 		srv.release(c)
 		return
 	}
-	srv.track(c)
 	go c.serve()
 }
 

@@ -439,15 +439,18 @@ func (srv *server) release(c *connection) {
 }
 
 // track records a connection whose handshake is done, so that shutdown
-// can close it; during shutdown it is told to go at once.
-func (srv *server) track(c *connection) {
+// can close it. It returns false if the server is shutting down: the
+// connection must then be dropped (its client reconnects to the next
+// server).
+func (srv *server) track(c *connection) bool {
 	srv.connsMu.Lock()
 	defer srv.connsMu.Unlock()
+	if srv.shuttingDown {
+		return false
+	}
 	srv.conns[c] = struct{}{}
 	srv.connWG.Add(1)
-	if srv.shuttingDown {
-		c.end(closeGoingAway, errShutdown)
-	}
+	return true
 }
 
 // untrack forgets a connection that has ended.

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"math"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -86,43 +87,131 @@ func errTooLong(key string) protocolError {
 var errBadInput = errors.New("message is not a JSON object in UTF-8")
 
 // clientMessage is one message from a client: its raw bytes, echoed as
-// "orig" in errors, and its fields, kept as raw JSON so that values the
-// server echoes ("id", "ping") go back exactly as they came. Field names
-// are matched exactly, and the last of duplicate keys wins, as in Python.
+// "orig" in errors, and its top-level fields, kept as raw JSON so that
+// values the server echoes ("id", "ping") go back exactly as they came.
+// Field names are matched exactly, and the last of duplicate keys wins, as
+// in Python.
 type clientMessage struct {
 	raw    []byte
-	fields map[string]json.RawMessage
+	fields []field
 }
 
+type field struct {
+	key   string
+	value json.RawMessage
+}
+
+// parseClientMessage checks that raw is a JSON object in valid UTF-8 and
+// splits it into its fields. Clients send flat objects of a few fields,
+// so a scan over the validated bytes does this without decoding anything.
 func parseClientMessage(raw []byte) (clientMessage, error) {
-	if !utf8.Valid(raw) {
+	if !utf8.Valid(raw) || !json.Valid(raw) {
 		return clientMessage{}, errBadInput
 	}
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &fields); err != nil || fields == nil {
+	i := skipSpace(raw, 0)
+	if raw[i] != '{' {
 		return clientMessage{}, errBadInput
 	}
-	return clientMessage{raw: raw, fields: fields}, nil
+	m := clientMessage{raw: raw, fields: make([]field, 0, 8)}
+	for i = skipSpace(raw, i+1); raw[i] != '}'; i = skipSpace(raw, i+1) { // at a key, or after a comma
+		if raw[i] == ',' {
+			continue
+		}
+		end := skipValue(raw, i)
+		key, err := unquote(raw[i:end])
+		if err != nil {
+			return clientMessage{}, errBadInput
+		}
+		start := skipSpace(raw, skipSpace(raw, end)+1) // past the colon
+		end = skipValue(raw, start)
+		m.fields = append(m.fields, field{key: key, value: raw[start:end]})
+		i = skipSpace(raw, end) - 1
+	}
+	return m, nil
+}
+
+// skipSpace returns the index of the first non-space byte at or after i.
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// skipValue returns the index just after the JSON value starting at i, in
+// input already known to be valid JSON.
+func skipValue(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		for i++; b[i] != '"'; i++ {
+			if b[i] == '\\' {
+				i++
+			}
+		}
+		return i + 1
+	case '{', '[':
+		depth := 0
+		for ; ; i++ {
+			switch b[i] {
+			case '"':
+				i = skipValue(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
+			}
+		}
+	default: // a number, true, false or null
+		for i < len(b) && !strings.ContainsRune(",}] \t\n\r", rune(b[i])) {
+			i++
+		}
+		return i
+	}
+}
+
+// unquote decodes a JSON string, quickly when it has no escapes.
+func unquote(v []byte) (string, error) {
+	if len(v) < 2 || v[0] != '"' {
+		return "", errBadInput
+	}
+	if bytes.IndexByte(v, '\\') < 0 {
+		return string(v[1 : len(v)-1]), nil
+	}
+	var s string
+	err := json.Unmarshal(v, &s)
+	return s, err
+}
+
+// get returns field key's raw value, and whether the message has it.
+func (m clientMessage) get(key string) (json.RawMessage, bool) {
+	for i := len(m.fields) - 1; i >= 0; i-- {
+		if m.fields[i].key == key {
+			return m.fields[i].value, true
+		}
+	}
+	return nil, false
 }
 
 func (m clientMessage) has(key string) bool {
-	_, ok := m.fields[key]
+	_, ok := m.get(key)
 	return ok
 }
 
 // typ returns the message's type, or "" if it is not a string.
 func (m clientMessage) typ() string {
-	var t string
-	json.Unmarshal(m.fields["type"], &t)
+	v, _ := m.get("type")
+	t, _ := unquote(v)
 	return t
 }
 
 // str returns field key, which must be present, as a string of at most
 // maxLen bytes.
 func (m clientMessage) str(key string, maxLen int) (string, error) {
-	v := m.fields[key]
-	var s string
-	if len(v) == 0 || v[0] != '"' || json.Unmarshal(v, &s) != nil {
+	v, _ := m.get(key)
+	s, err := unquote(v)
+	if err != nil {
 		return "", errNotString(key)
 	}
 	if len(s) > maxLen {
@@ -134,7 +223,7 @@ func (m clientMessage) str(key string, maxLen int) (string, error) {
 // clientVersion reads bind's optional [implementation, version, ...]; only
 // the first two elements are used, and each may be null.
 func (m clientMessage) clientVersion() (impl, version *string, err error) {
-	v, ok := m.fields["client_version"]
+	v, ok := m.get("client_version")
 	if !ok {
 		return nil, nil, nil
 	}
@@ -219,7 +308,8 @@ func (s *session) handle(raw []byte) error {
 		s.fail(errMissingType, msg)
 		return nil
 	}
-	s.send(ackFrame(msg.fields["id"]))
+	id, _ := msg.get("id")
+	s.send(ackFrame(id))
 	if err := s.dispatchLocked(msg, now); err != nil {
 		var pe protocolError
 		if !errors.As(err, &pe) {
@@ -236,7 +326,8 @@ func (s *session) fail(e protocolError, msg clientMessage) {
 }
 
 func (s *session) dispatchLocked(msg clientMessage, now float64) error {
-	switch msg.typ() {
+	typ := msg.typ()
+	switch typ {
 	case "ping":
 		return s.ping(msg)
 	case "bind":
@@ -245,7 +336,7 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	if !s.bound {
 		return errMustBind
 	}
-	switch msg.typ() {
+	switch typ {
 	case "list":
 		s.send(nameplatesFrame(s.srv.reg.listLocked(s.appID)))
 		return nil
@@ -269,7 +360,8 @@ func (s *session) ping(msg clientMessage) error {
 	if !msg.has("ping") {
 		return errPingRequiresPing
 	}
-	s.send(pongFrame(msg.fields["ping"]))
+	v, _ := msg.get("ping")
+	s.send(pongFrame(v))
 	return nil
 }
 
@@ -402,7 +494,7 @@ func (s *session) add(msg clientMessage, now float64) error {
 	if err != nil {
 		return err
 	}
-	id := msg.fields["id"]
+	id, _ := msg.get("id")
 	if id == nil {
 		id = jsonNull
 	}
@@ -427,7 +519,7 @@ func (s *session) close(msg clientMessage, now float64) error {
 		return errCloseNoOpen
 	}
 	var mood string
-	if v, ok := msg.fields["mood"]; ok && !bytes.Equal(v, jsonNull) {
+	if v, ok := msg.get("mood"); ok && !bytes.Equal(v, jsonNull) {
 		var err error
 		if mood, err = msg.str("mood", maxTokenLen); err != nil {
 			return err
