@@ -94,6 +94,13 @@ const (
 	// maxLingerBytes bounds what is read and discarded during closeTimeout.
 	maxLingerBytes = 1 << 20
 
+	// deadlineSlack is how stale a deadline may be: moving a deadline
+	// updates a runtime timer, so rather than on every frame, a deadline
+	// is moved only once it is this much closer than its full length. A
+	// silent client is then dropped up to this much later.
+	readDeadlineSlack  = time.Minute
+	writeDeadlineSlack = time.Second
+
 	// maxControlPayload is the largest ping, pong or close payload (RFC
 	// 6455 §5.5).
 	maxControlPayload = 125
@@ -163,6 +170,7 @@ type connection struct {
 	flushDone chan struct{} // closed when the writer exits, if someone waits
 	endReason error         // why the server ended the connection, if it did
 	pinger    *time.Timer   // sends the next keepalive ping
+	readSet   time.Time     // when the read deadline was last moved
 }
 
 // serveWebSocket upgrades a request on /v1 to a WebSocket connection and
@@ -453,10 +461,12 @@ func peekFrameHeader(br *bufio.Reader) (frameHeader, error) {
 // extendReadDeadline gives the client idleTimeout to send its next
 // frame, unless the connection is closing.
 func (c *connection) extendReadDeadline() {
+	now := time.Now()
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
-	if !c.closing {
-		c.netConn.SetReadDeadline(time.Now().Add(c.srv.idleTimeout))
+	if !c.closing && now.Sub(c.readSet) >= readDeadlineSlack {
+		c.readSet = now
+		c.netConn.SetReadDeadline(now.Add(c.srv.idleTimeout))
 	}
 }
 
@@ -584,8 +594,9 @@ func (c *connection) writeFrame(ws *websocket.Conn, data []byte, opcode byte) {
 // bufio.Writer, which empties here; outside a pass (there is none after
 // the handshake) writes would go straight to the connection.
 type batch struct {
-	conn net.Conn
-	buf  *[]byte // the frames gathered, while a pass is under way
+	conn    net.Conn
+	buf     *[]byte   // the frames gathered, while a pass is under way
+	timeout time.Time // the write deadline last set
 }
 
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
@@ -600,11 +611,15 @@ func (b *batch) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// end writes what was gathered, within writeTimeout.
+// end writes what was gathered, within writeTimeout (less at most
+// writeDeadlineSlack).
 func (b *batch) end() error {
 	buf := b.buf
 	b.buf = nil
-	b.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if now := time.Now(); b.timeout.Sub(now) < writeTimeout-writeDeadlineSlack {
+		b.timeout = now.Add(writeTimeout)
+		b.conn.SetWriteDeadline(b.timeout)
+	}
 	_, err := b.conn.Write(*buf)
 	if cap(*buf) <= maxPooledBatch {
 		*buf = (*buf)[:0]

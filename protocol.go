@@ -302,8 +302,18 @@ func (s *session) handle(raw []byte) error {
 	reg := s.srv.reg
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
+	// The ack is queued before the changes it acknowledges, so the
+	// frames wait (held) until the handling is done; then, if it changed
+	// anything, they wait for the journal to hold it.
 	s.out.hold()
-	defer func() { s.out.release(reg.journal.lastLSN()) }() // before the unlock: deferred calls run last first
+	before := reg.journal.lastLSN()
+	defer func() { // runs before the unlock: deferred calls run last first
+		if after := reg.journal.lastLSN(); after != before {
+			s.out.release(after)
+		} else {
+			s.out.release(0)
+		}
+	}()
 	if !msg.has("type") {
 		s.fail(errMissingType, msg)
 		return nil
