@@ -197,7 +197,7 @@ func (tc realClientCase) run(t *testing.T) {
 	text := fmt.Sprintf("from %s to %s: ünïcødé ✓ %s", tc.sender.name, tc.receiver.name, rand.Text())
 
 	if tc.wrongCode {
-		r := transfer(t, ts, tc.sender, tc.receiver, text, true)
+		r := realTransfer(t, ts, tc.sender, tc.receiver, text, true)
 		if r.sendErr == nil || r.recvErr == nil {
 			t.Errorf("with different codes: sender error %v, receiver error %v; want both to fail", r.sendErr, r.recvErr)
 		}
@@ -211,7 +211,7 @@ func (tc realClientCase) run(t *testing.T) {
 		return
 	}
 
-	r := transfer(t, ts, tc.sender, tc.receiver, text, false)
+	r := realTransfer(t, ts, tc.sender, tc.receiver, text, false)
 	// The Go client's SPAKE2 sometimes derives a key that the Python
 	// client's does not match (about one exchange in 250, whatever the
 	// server), and both sides then report a wrong code although the codes
@@ -219,7 +219,7 @@ func (tc realClientCase) run(t *testing.T) {
 	// only once, is retried.
 	if tc.sender.name != tc.receiver.name && r.wrongCodeOnBothSides() {
 		t.Logf("both sides report a wrong code although the codes match (the clients' known SPAKE2 mismatch); retrying once")
-		r = transfer(t, ts, tc.sender, tc.receiver, text, false)
+		r = realTransfer(t, ts, tc.sender, tc.receiver, text, false)
 	}
 	if r.sendErr != nil || r.recvErr != nil {
 		t.Fatalf("transfer failed: sender error %v, receiver error %v", r.sendErr, r.recvErr)
@@ -267,11 +267,11 @@ func (r transferResult) wrongCodeOnBothSides() bool {
 		strings.Contains(r.recvStdout+r.recvStderr, r.receiver.wrongCode)
 }
 
-// transfer sends text from one client to another through ts: the sender
+// realTransfer sends text from one client to another through ts: the sender
 // allocates a code, and once it has printed it (so the server has
 // allocated and claimed its nameplate) the receiver starts with that code,
 // or with wrongCode another code on the same nameplate.
-func transfer(t *testing.T, ts *testServer, sender, receiver realClient, text string, wrongCode bool) transferResult {
+func realTransfer(t *testing.T, ts *testServer, sender, receiver realClient, text string, wrongCode bool) transferResult {
 	t.Helper()
 	r := transferResult{sender: sender, receiver: receiver}
 	ctx, cancel := context.WithTimeout(context.Background(), transferTimeout)
