@@ -38,6 +38,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -409,7 +410,7 @@ func (c *connection) readMessage() ([]byte, error) {
 			}
 			switch h.opcode {
 			case websocket.CloseFrame:
-				return nil, errClientClosed
+				return nil, closeReceived(payload)
 			case websocket.PingFrame:
 				c.queue(outFrame{opcode: websocket.PongFrame, data: payload})
 			}
@@ -425,6 +426,25 @@ func (c *connection) readMessage() ([]byte, error) {
 		}
 		fragmented = true
 	}
+}
+
+// closeReceived checks a client's close frame (RFC 6455 §5.5.1, §7.4): it
+// is empty, or holds a status code a client may send and a UTF-8 reason.
+func closeReceived(payload []byte) error {
+	if len(payload) == 0 {
+		return errClientClosed
+	}
+	if len(payload) == 1 {
+		return errBadFrame
+	}
+	switch code := binary.BigEndian.Uint16(payload); {
+	case code < 1000, code >= 1004 && code <= 1006, code >= 1015 && code < 3000, code >= 5000:
+		return errBadFrame
+	}
+	if !utf8.Valid(payload[2:]) {
+		return errBadInput
+	}
+	return errClientClosed
 }
 
 // frameHeader is what peekFrameHeader reads of a frame (RFC 6455 §5.2).
@@ -558,7 +578,11 @@ func (c *connection) flush() {
 
 // writeBatch sends a batch of frames, once the journal holds what they report.
 func (c *connection) writeBatch(batch []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(batch[len(batch)-1].lsn); err != nil {
+	var lsn uint64
+	for _, f := range batch {
+		lsn = max(lsn, f.lsn) // a ping queued last has lsn 0
+	}
+	if err := c.srv.reg.journal.waitDurable(lsn); err != nil {
 		return err
 	}
 	c.batch.begin()

@@ -399,24 +399,25 @@ func (srv *server) now() float64 {
 // nowSeconds is the time stamped on outgoing messages as "server_tx".
 func nowSeconds() float64 { return float64(time.Now().UnixNano()) / 1e9 }
 
-// handler returns the server's HTTP routes: a banner at /, the
-// WebSocket endpoint at /v1 (and below it, as the reference), and 404
-// elsewhere.
+// handler returns the server's HTTP routes: a banner at /, the WebSocket
+// endpoint at /v1 and every path below it (as the reference), and 404
+// elsewhere. The paths are matched as they come, without the cleaning
+// (and redirects) of http.ServeMux.
 func (srv *server) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain")
-		io.WriteString(w, "Wormhole Relay\n")
-	})
-	mux.HandleFunc("/{$}", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Allow", "HEAD, GET")
-		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
-	})
-	mux.HandleFunc("/v1", srv.serveWebSocket)
-	mux.HandleFunc("/v1/", srv.serveWebSocket)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Server", srv.serverHeader)
-		mux.ServeHTTP(w, r)
+		switch path := r.URL.Path; {
+		case path == "/v1" || strings.HasPrefix(path, "/v1/"):
+			srv.serveWebSocket(w, r)
+		case path != "/":
+			http.NotFound(w, r)
+		case r.Method != http.MethodGet && r.Method != http.MethodHead:
+			w.Header().Set("Allow", "HEAD, GET")
+			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		default:
+			w.Header().Set("Content-Type", "text/plain")
+			io.WriteString(w, "Wormhole Relay\n")
+		}
 	})
 }
 

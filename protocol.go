@@ -171,7 +171,9 @@ func skipValue(b []byte, i int) int {
 	}
 }
 
-// unquote decodes a JSON string, quickly when it has no escapes.
+// unquote decodes a JSON string, quickly when it has no escapes. A string
+// holding half of a UTF-16 surrogate pair (which Go would turn into
+// U+FFFD) is refused rather than silently changed.
 func unquote(v []byte) (string, error) {
 	if len(v) < 2 || v[0] != '"' {
 		return "", errBadInput
@@ -180,8 +182,54 @@ func unquote(v []byte) (string, error) {
 		return string(v[1 : len(v)-1]), nil
 	}
 	var s string
-	err := json.Unmarshal(v, &s)
-	return s, err
+	if err := json.Unmarshal(v, &s); err != nil {
+		return "", err
+	}
+	if hasLoneSurrogate(v) {
+		return "", errBadInput
+	}
+	return s, nil
+}
+
+// hasLoneSurrogate reports whether the JSON string literal v escapes half
+// of a UTF-16 surrogate pair without the other half.
+func hasLoneSurrogate(v []byte) bool {
+	for i := 1; i < len(v)-1; i++ {
+		if v[i] != '\\' {
+			continue
+		}
+		if v[i+1] != 'u' {
+			i++
+			continue
+		}
+		u := hex4(v[i+2:])
+		switch {
+		case u >= 0xd800 && u < 0xdc00 && i+12 <= len(v)-1 && v[i+6] == '\\' && v[i+7] == 'u' &&
+			hex4(v[i+8:]) >= 0xdc00 && hex4(v[i+8:]) < 0xe000:
+			i += 11 // a pair
+		case u >= 0xd800 && u < 0xe000:
+			return true
+		default:
+			i += 5
+		}
+	}
+	return false
+}
+
+// hex4 decodes the four hex digits of a \uXXXX escape.
+func hex4(h []byte) rune {
+	var r rune
+	for _, c := range h[:4] {
+		switch {
+		case c >= '0' && c <= '9':
+			r = r<<4 | rune(c-'0')
+		case c >= 'a' && c <= 'f':
+			r = r<<4 | rune(c-'a'+10)
+		default:
+			r = r<<4 | rune(c-'A'+10)
+		}
+	}
+	return r
 }
 
 // get returns field key's raw value, and whether the message has it.
@@ -227,16 +275,22 @@ func (m clientMessage) clientVersion() (impl, version *string, err error) {
 	if !ok {
 		return nil, nil, nil
 	}
-	var elems []*string
+	var elems []json.RawMessage
 	if json.Unmarshal(v, &elems) != nil || len(elems) < 2 {
 		return nil, nil, errBadClientVersion
 	}
-	for _, e := range elems[:2] {
-		if e != nil && len(*e) > maxAppIDLen {
+	var got [2]*string
+	for i, e := range elems[:2] {
+		if bytes.Equal(e, jsonNull) {
+			continue
+		}
+		s, err := unquote(e)
+		if err != nil || len(s) > maxAppIDLen {
 			return nil, nil, errBadClientVersion
 		}
+		got[i] = &s
 	}
-	return elems[0], elems[1], nil
+	return got[0], got[1], nil
 }
 
 // validNameplate reports whether name is 1 to 40 ASCII digits, the rule the
@@ -447,11 +501,11 @@ func (s *session) release(msg clientMessage, now float64) error {
 	name := s.claimed
 	if msg.has("nameplate") {
 		given, err := msg.str("nameplate", maxNameplateLen)
+		if s.didClaim && (err != nil || given != s.claimed) {
+			return errReleaseMismatch // checked first, as the reference does
+		}
 		if err != nil {
 			return err
-		}
-		if s.didClaim && given != s.claimed {
-			return errReleaseMismatch
 		}
 		name = given
 	} else if !s.didClaim {
@@ -518,11 +572,11 @@ func (s *session) close(msg clientMessage, now float64) error {
 	id := s.mailboxID
 	if msg.has("mailbox") {
 		given, err := msg.str("mailbox", maxTokenLen)
+		if s.opened && (err != nil || given != s.mailboxID) {
+			return errCloseMismatch // checked first, as the reference does
+		}
 		if err != nil {
 			return err
-		}
-		if s.opened && given != s.mailboxID {
-			return errCloseMismatch
 		}
 		id = given
 	} else if !s.opened {
@@ -602,6 +656,16 @@ func (w *frameWriter) raw(k string, v json.RawMessage) *frameWriter {
 	return w
 }
 
+// echo writes a value a client sent, re-encoded as the reference does
+// (it decodes every message and encodes its replies with Python's json).
+func (w *frameWriter) echo(k string, v json.RawMessage) *frameWriter {
+	if v == nil {
+		v = jsonNull
+	}
+	w.key(k).b = appendPyJSON(w.b, v, 0)
+	return w
+}
+
 func (w *frameWriter) float(k string, v float64) *frameWriter {
 	w.key(k).b = appendPyFloat(w.b, v)
 	return w
@@ -643,12 +707,12 @@ func welcomeFrame(info welcomeInfo, addr clientAddr) []byte {
 	return newFrame().raw("welcome", append(inner.b, '}')).done("welcome")
 }
 
-func ackFrame(id json.RawMessage) []byte { return newFrame().raw("id", id).done("ack") }
+func ackFrame(id json.RawMessage) []byte { return newFrame().echo("id", id).done("ack") }
 
-func pongFrame(v json.RawMessage) []byte { return newFrame().raw("pong", v).done("pong") }
+func pongFrame(v json.RawMessage) []byte { return newFrame().echo("pong", v).done("pong") }
 
 func errorFrame(text string, orig []byte) []byte {
-	return newFrame().str("error", text).raw("orig", orig).done("error")
+	return newFrame().str("error", text).echo("orig", orig).done("error")
 }
 
 func nameplatesFrame(names []string) []byte {
@@ -677,41 +741,159 @@ func closedFrame() []byte { return newFrame().done("closed") }
 
 func messageFrame(m message) []byte {
 	return newFrame().str("side", m.side).str("phase", m.phase).str("body", m.body).
-		float("server_rx", m.serverRx).raw("id", m.id).done("message")
+		float("server_rx", m.serverRx).echo("id", m.id).done("message")
 }
 
 // appendPyString appends s as a JSON string the way Python's json.dumps
 // writes it: only printable ASCII is written as is.
 func appendPyString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
 	b = append(b, '"')
 	for _, r := range s {
-		switch {
-		case r == '"' || r == '\\':
-			b = append(b, '\\', byte(r))
-		case r == '\n':
-			b = append(b, `\n`...)
-		case r == '\r':
-			b = append(b, `\r`...)
-		case r == '\t':
-			b = append(b, `\t`...)
-		case r == '\b':
-			b = append(b, `\b`...)
-		case r == '\f':
-			b = append(b, `\f`...)
-		case r >= 0x20 && r < 0x7f:
-			b = append(b, byte(r))
-		default:
-			if r > 0xffff { // written as a UTF-16 surrogate pair
-				r -= 0x10000
-				hi, lo := 0xd800+(r>>10), 0xdc00+(r&0x3ff)
-				b = append(b, '\\', 'u', hex[hi>>12], hex[hi>>8&15], hex[hi>>4&15], hex[hi&15])
-				r = lo
-			}
-			b = append(b, '\\', 'u', hex[r>>12&15], hex[r>>8&15], hex[r>>4&15], hex[r&15])
-		}
+		b = appendPyRune(b, r)
 	}
 	return append(b, '"')
+}
+
+func appendPyRune(b []byte, r rune) []byte {
+	switch {
+	case r == '"' || r == '\\':
+		return append(b, '\\', byte(r))
+	case r == '\n':
+		return append(b, `\n`...)
+	case r == '\r':
+		return append(b, `\r`...)
+	case r == '\t':
+		return append(b, `\t`...)
+	case r == '\b':
+		return append(b, `\b`...)
+	case r == '\f':
+		return append(b, `\f`...)
+	case r >= 0x20 && r < 0x7f:
+		return append(b, byte(r))
+	case r > 0xffff: // written as a UTF-16 surrogate pair
+		r -= 0x10000
+		b = appendUnitEscape(b, 0xd800+(r>>10))
+		return appendUnitEscape(b, 0xdc00+(r&0x3ff))
+	}
+	return appendUnitEscape(b, r)
+}
+
+func appendUnitEscape(b []byte, u rune) []byte {
+	const hex = "0123456789abcdef"
+	return append(b, '\\', 'u', hex[u>>12&15], hex[u>>8&15], hex[u>>4&15], hex[u&15])
+}
+
+// maxEchoDepth bounds how deeply nested a value appendPyJSON re-encodes;
+// anything deeper is written as it came (Python would refuse it anyway).
+const maxEchoDepth = 32
+
+// appendPyJSON appends the valid JSON value v as Python's json.dumps
+// writes what json.loads reads from it: ", " and ": " separators,
+// strings with only printable ASCII, integers as they came (but -0 is 0),
+// other numbers in Python's float repr, and of an object's duplicate keys
+// the last value in the first one's place.
+func appendPyJSON(b, v []byte, depth int) []byte {
+	v = v[skipSpace(v, 0):]
+	v = v[:skipValue(v, 0)]
+	if depth > maxEchoDepth {
+		return append(b, v...)
+	}
+	switch v[0] {
+	case '"':
+		if isPlainString(v) {
+			return append(b, v...)
+		}
+		b = append(b, '"')
+		for i := 1; i < len(v)-1; {
+			if v[i] != '\\' {
+				r, size := utf8.DecodeRune(v[i:])
+				b, i = appendPyRune(b, r), i+size
+				continue
+			}
+			switch c := v[i+1]; c {
+			case 'u':
+				if u := hex4(v[i+2:]); u >= 0xd800 && u < 0xe000 {
+					b = appendUnitEscape(b, u) // half a pair stays as it was
+				} else {
+					b = appendPyRune(b, u)
+				}
+				i += 6
+			case '/':
+				b, i = append(b, '/'), i+2
+			default: // " \ b f n r t: Python writes them the same
+				b, i = append(b, '\\', c), i+2
+			}
+		}
+		return append(b, '"')
+	case '[':
+		b = append(b, '[')
+		for i, n := skipSpace(v, 1), 0; v[i] != ']'; n++ {
+			if n > 0 {
+				b = append(b, ", "...)
+			}
+			end := skipValue(v, i)
+			b = appendPyJSON(b, v[i:end], depth+1)
+			if i = skipSpace(v, end); v[i] == ',' {
+				i = skipSpace(v, i+1)
+			}
+		}
+		return append(b, ']')
+	case '{':
+		type member struct{ key, value []byte }
+		var members []member
+		index := map[string]int{}
+		for i := skipSpace(v, 1); v[i] != '}'; {
+			keyEnd := skipValue(v, i)
+			start := skipSpace(v, skipSpace(v, keyEnd)+1)
+			end := skipValue(v, start)
+			key, _ := unquote(v[i:keyEnd])
+			if j, ok := index[key]; ok {
+				members[j].value = v[start:end]
+			} else {
+				index[key] = len(members)
+				members = append(members, member{v[i:keyEnd], v[start:end]})
+			}
+			if i = skipSpace(v, end); v[i] == ',' {
+				i = skipSpace(v, i+1)
+			}
+		}
+		b = append(b, '{')
+		for n, m := range members {
+			if n > 0 {
+				b = append(b, ", "...)
+			}
+			b = append(appendPyJSON(b, m.key, depth+1), ": "...)
+			b = appendPyJSON(b, m.value, depth+1)
+		}
+		return append(b, '}')
+	case 't', 'f', 'n':
+		return append(b, v...)
+	}
+	if !bytes.ContainsAny(v, ".eE") { // an integer: Python keeps every digit
+		if string(v) == "-0" {
+			return append(b, '0')
+		}
+		return append(b, v...)
+	}
+	f, err := strconv.ParseFloat(string(v), 64)
+	switch {
+	case err != nil && math.IsInf(f, 1):
+		return append(b, "Infinity"...)
+	case err != nil && math.IsInf(f, -1):
+		return append(b, "-Infinity"...)
+	}
+	return appendPyFloat(b, f)
+}
+
+// isPlainString reports whether the JSON string literal v is printable
+// ASCII without escapes, which Python writes back unchanged.
+func isPlainString(v []byte) bool {
+	for _, c := range v[1 : len(v)-1] {
+		if c < 0x20 || c >= 0x7f || c == '\\' {
+			return false
+		}
+	}
+	return true
 }
 
 // appendPyFloat appends f as Python's repr does: the shortest form that

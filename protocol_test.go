@@ -85,7 +85,8 @@ func TestBind(t *testing.T) {
 	c.expectError(`{"type": "bind", "appid": "a", "side": "s", "client_version": null}`, string(errBadClientVersion))
 	c.expectError(`{"type": "bind", "appid": "a", "side": "s", "client_version": ["python"]}`, string(errBadClientVersion))
 	c.expectError(`{"type": "bind", "appid": "a", "side": "s", "client_version": [1, 2]}`, string(errBadClientVersion))
-	c.expect(`{"type": "bind", "appid": "a", "side": "s", "client_version": ["python", "0.12.0", "extra"]}`)
+	c.expectError(`{"type": "bind", "appid": "a", "side": "a\ud800"}`, "'side' must be a string") // half a surrogate pair
+	c.expect(`{"type": "bind", "appid": "a", "side": "s", "client_version": ["python", "0.12.0", {"extra": 1}]}`)
 	c.expectError(`{"type": "bind", "appid": "a", "side": "s"}`, "already bound")
 	c.expectError(`{"type": "nonsense"}`, "unknown type")
 	c.expectError(`{"type": 7}`, "unknown type")
@@ -225,13 +226,14 @@ func TestRelease(t *testing.T) {
 	a.expectError(`{"type": "release"}`, "release without nameplate must follow claim")
 	a.expect(`{"type": "claim", "nameplate": "3"}`, "claimed")
 	a.expectError(`{"type": "release", "nameplate": "4"}`, "release and claim must use same nameplate")
-	a.expectError(`{"type": "release", "nameplate": 3}`, "'nameplate' must be a string")
+	a.expectError(`{"type": "release", "nameplate": 3}`, "release and claim must use same nameplate") // the reference's order
 	a.expect(`{"type": "release", "nameplate": "3"}`, "released")
 	a.expectError(`{"type": "release", "nameplate": "3"}`, "only one release per connection")
 
 	// A release of a nameplate never claimed is answered all the same.
 	b, _ := ts.dial(t)
 	b.bind("app", "b")
+	b.expectError(`{"type": "release", "nameplate": 777}`, "'nameplate' must be a string")
 	b.expect(`{"type": "release", "nameplate": "777"}`, "released")
 
 	// The last release deletes the nameplate.
@@ -289,6 +291,7 @@ func TestClose(t *testing.T) {
 	a.expect(`{"type": "add", "phase": "p", "body": "aa"}`, "message")
 	a.expectError(`{"type": "close", "mailbox": "other"}`, "open and close must use same mailbox")
 	a.expectError(`{"type": "close", "mood": 5}`, "'mood' must be a string")
+	a.expectError(`{"type": "close", "mailbox": null}`, "open and close must use same mailbox") // the reference's order
 	a.expect(`{"type": "close", "mood": "happy"}`, "closed")
 	a.expectError(`{"type": "close"}`, "only one close per connection")
 	a.expectError(`{"type": "add", "phase": "p", "body": "aa"}`, "must open mailbox before adding")

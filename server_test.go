@@ -312,6 +312,8 @@ func TestRootBanner(t *testing.T) {
 		{"POST", "/", 405, ""},
 		{"GET", "/v2", 404, ""},
 		{"GET", "/foo", 404, ""},
+		{"GET", "//", 404, ""},
+		{"GET", "/v1x", 404, ""},
 		{"GET", "/v1", 426, ""},
 	} {
 		req, _ := http.NewRequest(tc.method, ts.http.URL+tc.path, nil)
@@ -340,7 +342,7 @@ func TestRootBanner(t *testing.T) {
 // no extension chosen, the Server header set, and sub-paths of /v1 served.
 func TestHandshake(t *testing.T) {
 	ts := startServer(t, testConfig())
-	for _, path := range []string{"/v1", "/v1/", "/v1/anything", "/v1?x=1"} {
+	for _, path := range []string{"/v1", "/v1/", "/v1/anything", "/v1?x=1", "/v1//"} {
 		conn, err := net.Dial("tcp", strings.TrimPrefix(ts.http.URL, "http://"))
 		if err != nil {
 			t.Fatal(err)
@@ -392,8 +394,8 @@ func TestWireFormat(t *testing.T) {
 		{`{"type":"ping","ping":"x","id":"0001"}`, `^\{"id": "0001", "type": "ack", "server_tx": \d+\.\d+\}$`},
 		{``, `^\{"pong": "x", "type": "pong", "server_tx": \d+\.\d+\}$`},
 		{`{"type":"list","id":5}`, `^\{"id": 5, "type": "ack", "server_tx": \d+\.\d+\}$`},
-		{``, `^\{"error": "must bind first", "orig": \{"type":"list","id":5\}, "type": "error", "server_tx": \d+\.\d+\}$`},
-		{`{"id":"x"}`, `^\{"error": "missing 'type'", "orig": \{"id":"x"\}, "type": "error", "server_tx": \d+\.\d+\}$`},
+		{``, `^\{"error": "must bind first", "orig": \{"type": "list", "id": 5\}, "type": "error", "server_tx": \d+\.\d+\}$`},
+		{`{"id":"x"}`, `^\{"error": "missing 'type'", "orig": \{"id": "x"\}, "type": "error", "server_tx": \d+\.\d+\}$`},
 	} {
 		if tc.send != "" {
 			c.send(tc.send)
@@ -404,6 +406,42 @@ func TestWireFormat(t *testing.T) {
 		}
 		if !regexp.MustCompile(tc.want).Match(got) {
 			t.Errorf("after %s: got %s, want %s", tc.send, got, tc.want)
+		}
+	}
+}
+
+// TestPyEcho checks that values a client sent are echoed as the
+// reference's Python json writes them.
+func TestPyEcho(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{`"0004"`, `"0004"`},
+		{`{"type":"list","id":5}`, `{"type": "list", "id": 5}`},
+		{` [1,[2,{}],[]] `, `[1, [2, {}], []]`},
+		{`{"type":"list","type":"list","x":1,"x":2}`, `{"type": "list", "x": 2}`},
+		{`{"a":1,"\u0061":2}`, `{"a": 2}`},
+		{`"\u00e9"`, `"\u00e9"`},
+		{`"é"`, `"\u00e9"`},
+		{`"a\/b"`, `"a/b"`},
+		{`"\u0041\"\n"`, `"A\"\n"`},
+		{`"a\ud800b"`, `"a\ud800b"`},
+		{`"\ud83d\ude00"`, `"\ud83d\ude00"`},
+		{`12345678901234567890`, `12345678901234567890`},
+		{`-0`, `0`},
+		{`-0.0`, `-0.0`},
+		{`1e2`, `100.0`},
+		{`1E+2`, `100.0`},
+		{`1e-7`, `1e-07`},
+		{`0.00001`, `1e-05`},
+		{`1.5e300`, `1.5e+300`},
+		{`100000000000000000000.0`, `1e+20`},
+		{`3.141592653589793238`, `3.141592653589793`},
+		{`1e400`, `Infinity`},
+		{`-1e400`, `-Infinity`},
+		{`true`, `true`},
+		{`null`, `null`},
+	} {
+		if got := string(appendPyJSON(nil, []byte(tc.in), 0)); got != tc.want {
+			t.Errorf("appendPyJSON(%s) = %s, want %s", tc.in, got, tc.want)
 		}
 	}
 }
@@ -488,6 +526,9 @@ func TestBadInput(t *testing.T) {
 		{"unmasked", [][]byte{{0x81, 0x02, '{', '}'}}, closeProtocol},
 		{"fragmented ping", [][]byte{clientFrame(false, websocket.PingFrame, nil)}, closeProtocol},
 		{"reserved opcode", [][]byte{clientFrame(true, 3, nil)}, closeProtocol},
+		{"close with a 1-byte payload", [][]byte{clientFrame(true, websocket.CloseFrame, []byte{3})}, closeProtocol},
+		{"close with status 1005", [][]byte{clientFrame(true, websocket.CloseFrame, []byte{0x03, 0xed})}, closeProtocol},
+		{"close with a bad reason", [][]byte{clientFrame(true, websocket.CloseFrame, []byte{0x0f, 0xa0, 0xff})}, closeBadData},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, _ := ts.dial(t)
