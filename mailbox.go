@@ -359,6 +359,7 @@ func (r *registry) addLocked(mb *mailbox, m message) error {
 	mb.updated = m.serverRx
 	r.journal.message(mb, m)
 	r.metrics.messages.Add(1)
+	r.metrics.delivered.Add(int64(len(mb.subscribers)))
 	frame := messageFrame(m)
 	for _, s := range mb.subscribers {
 		s.send(frame)
@@ -371,6 +372,7 @@ func (r *registry) addLocked(mb *mailbox, m message) error {
 func (r *registry) subscribeLocked(mb *mailbox, s *session) {
 	mb.subscribers = append(mb.subscribers, s)
 	r.subscriptions++
+	r.metrics.delivered.Add(int64(len(mb.messages)))
 	for _, m := range mb.messages {
 		s.send(messageFrame(m))
 	}

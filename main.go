@@ -359,11 +359,12 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	var usage *usageLog
 	if cfg.usageDB != "" {
 		var err error
-		if usage, err = openUsageLog(cfg.usageDB, max(cfg.blurUsage, 0), log, m); err != nil {
+		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, log, m); err != nil {
 			return nil, err
 		}
 	}
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
+	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
 		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m)
 		if err != nil {

@@ -9,15 +9,18 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
+	"errors"
 	"expvar"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"net/http"
 	"os"
+	"runtime"
 	"slices"
+	"sync"
 )
 
 // usageQueueLen is how many usage records may wait for the disk. A
@@ -25,8 +28,14 @@ import (
 // transfers while the disk stalls.
 const usageQueueLen = 4096
 
-// Results of a retired nameplate or mailbox, from least to most severe
-// where they compete (§8.2, §8.3).
+// usageBatchBytes is about the most the writer puts in one write: enough
+// to take a burst in a few system calls, small enough to keep its buffer
+// cheap.
+const usageBatchBytes = 64 << 10
+
+// Results of a retired nameplate or mailbox (§8.2, §8.3). Where they
+// compete, the later in this list wins: crowded > pruney > scary > errory >
+// lonely > happy.
 const (
 	resultHappy   = "happy"
 	resultLonely  = "lonely"
@@ -37,55 +46,96 @@ const (
 	resultQuiet   = "quiet" // no side ever joined; cannot happen through the protocol
 )
 
-// usageRecord is one line of the usage log. Type says which of the
-// reference's tables the line belongs to, and the other fields keep that
-// table's column names, so an existing analysis maps one to one:
-//
-//	nameplate:      app_id, started, waiting_time, total_time, result
-//	mailbox:        app_id, for_nameplate, started, waiting_time, total_time, result
-//	client_version: app_id, side, connect_time, implementation, version
-//	current:        rebooted, updated, blur_time, connections_websocket
-//
-// Times are Unix seconds; waiting_time is null when only one side came.
-type usageRecord struct {
-	Type                 string   `json:"type"`
-	AppID                *string  `json:"app_id,omitempty"`
-	ForNameplate         *bool    `json:"for_nameplate,omitempty"`
-	Started              *float64 `json:"started,omitempty"`
-	WaitingTime          *float64 `json:"waiting_time,omitempty"`
-	TotalTime            *float64 `json:"total_time,omitempty"`
-	Result               string   `json:"result,omitempty"`
-	Side                 *string  `json:"side,omitempty"`
-	ConnectTime          *float64 `json:"connect_time,omitempty"`
-	Implementation       *string  `json:"implementation,omitempty"`
-	Version              *string  `json:"version,omitempty"`
-	Rebooted             *float64 `json:"rebooted,omitempty"`
-	Updated              *float64 `json:"updated,omitempty"`
-	BlurTime             *int     `json:"blur_time,omitempty"`
-	ConnectionsWebsocket *int     `json:"connections_websocket,omitempty"`
+// Usage record types, one per table of the reference's usage database.
+const (
+	usageNameplate     = "nameplate"
+	usageMailbox       = "mailbox"
+	usageClientVersion = "client_version"
+	usageCurrent       = "current"
+)
+
+// The usage records. Each is one line of the usage log; Type says which
+// of the reference's tables (§8.6) the line belongs to, and the other
+// fields are that table's columns, in its order and with its names, so an
+// existing analysis maps one to one. Every field is always present; null
+// stands where the reference stores NULL. Times are Unix seconds with a
+// fraction; start times are blurred (§8.5), durations never are.
+
+// nameplateUsage records a retired nameplate.
+type nameplateUsage struct {
+	Type        string   `json:"type"`         // "nameplate"
+	AppID       string   `json:"app_id"`       // the clients' appid
+	Started     float64  `json:"started"`      // first side's claim (blurred)
+	TotalTime   float64  `json:"total_time"`   // from the first claim to the deletion
+	WaitingTime *float64 `json:"waiting_time"` // from the first claim to the second; null if one side
+	Result      string   `json:"result"`       // happy, lonely, pruney or crowded
 }
+
+// mailboxUsage records a retired mailbox: one per transfer.
+type mailboxUsage struct {
+	Type         string   `json:"type"`          // "mailbox"
+	AppID        string   `json:"app_id"`        // the clients' appid
+	ForNameplate bool     `json:"for_nameplate"` // created by a claim, not by a bare open
+	Started      float64  `json:"started"`       // first side's open or claim (blurred)
+	TotalTime    float64  `json:"total_time"`    // from the first side to the deletion
+	WaitingTime  *float64 `json:"waiting_time"`  // from the first side to the second; null if one side
+	Result       string   `json:"result"`        // happy, lonely, errory, scary, pruney or crowded
+}
+
+// clientVersionUsage records one bind.
+type clientVersionUsage struct {
+	Type           string  `json:"type"`           // "client_version"
+	AppID          string  `json:"app_id"`         // the appid bound to
+	Side           string  `json:"side"`           // the side bound as
+	ConnectTime    float64 `json:"connect_time"`   // when (blurred)
+	Implementation *string `json:"implementation"` // client_version[0], e.g. "python"; null if not sent
+	Version        *string `json:"version"`        // client_version[1], e.g. "0.13.0"; null if not sent
+}
+
+// currentUsage records the server's state, as the reference's one-row
+// "current" table does; the log keeps every one.
+type currentUsage struct {
+	Type                 string  `json:"type"`                  // "current"
+	Rebooted             float64 `json:"rebooted"`              // when the server started
+	Updated              float64 `json:"updated"`               // when this record was written
+	BlurTime             *int    `json:"blur_time"`             // --blur-usage; null if not given
+	ConnectionsWebsocket int     `json:"connections_websocket"` // connections subscribed to a mailbox
+}
+
+// errUsageClosed answers a request to a usage log already closed.
+var errUsageClosed = errors.New("usage log closed")
 
 // usageLog appends usage records to a file. A nil *usageLog records
 // nothing (no --usage-db).
 type usageLog struct {
 	path string
-	blur int // --blur-usage: round start times down to this many seconds; 0 keeps them
+	blur int // --blur-usage: round start times down to this many seconds if > 0; < 0 when not given
 	log  *slog.Logger
 	m    *metrics
 
-	queue  chan []byte
-	reopen chan chan error
-	done   chan struct{}
+	mu       sync.Mutex // guards closed, so that nothing is queued after close
+	closed   bool
+	queue    chan []byte
+	requests chan usageRequest
+	done     chan struct{} // closed when the writer has finished
 }
 
-// openUsageLog opens (creating) the usage log and starts its writer.
+// usageRequest asks the writer to write everything queued so far and
+// then, if reopen is set, to reopen the file.
+type usageRequest struct {
+	reopen bool
+	reply  chan error
+}
+
+// openUsageLog opens (creating) the usage log and starts its writer. A
+// negative blur means --blur-usage was not given.
 func openUsageLog(path string, blur int, log *slog.Logger, m *metrics) (*usageLog, error) {
 	f, err := openAppend(path)
 	if err != nil {
 		return nil, err
 	}
 	u := &usageLog{path: path, blur: blur, log: log, m: m,
-		queue: make(chan []byte, usageQueueLen), reopen: make(chan chan error), done: make(chan struct{})}
+		queue: make(chan []byte, usageQueueLen), requests: make(chan usageRequest), done: make(chan struct{})}
 	go u.run(f)
 	return u, nil
 }
@@ -94,95 +144,200 @@ func openAppend(path string) (*os.File, error) {
 	return os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 }
 
-// run writes queued records until the queue is closed.
+// usageWriter is the writer goroutine's state: the open file and the
+// batch of lines gathered for its next write.
+type usageWriter struct {
+	u       *usageLog
+	f       io.WriteCloser
+	batch   []byte
+	ends    []int // where each record in batch ends
+	torn    bool  // a failed write left part of a line in the file
+	failing bool  // the last write failed (so a recovery is logged once)
+}
+
+// run writes queued records, a batch at a time, until the queue is closed.
 func (u *usageLog) run(f *os.File) {
 	defer close(u.done)
-	w := bufio.NewWriter(f)
-	flush := func() {
-		if err := w.Flush(); err != nil {
-			u.m.usageErrors.Add(1)
-			u.log.Warn("usage log write failed; records lost", "file", u.path, "err", err)
-			w.Reset(f)
-		}
-	}
+	w := &usageWriter{u: u, f: f}
+	defer func() { w.f.Close() }()
 	for {
 		select {
 		case line, ok := <-u.queue:
 			if !ok {
-				flush()
-				f.Close()
 				return
 			}
-			w.Write(line)
-			if len(u.queue) == 0 {
-				flush()
+			w.add(line)
+			if !w.drain() {
+				return
 			}
-		case reply := <-u.reopen:
-			flush()
-			nf, err := openAppend(u.path)
-			if err == nil {
-				f.Close()
-				f = nf
-				w.Reset(f)
+		case req := <-u.requests:
+			open := w.drain()
+			var err error
+			if req.reopen {
+				err = w.reopen()
 			}
-			reply <- err
+			req.reply <- err
+			if !open {
+				return
+			}
 		}
 	}
 }
 
-// Reopen closes and reopens the file, so that a log rotated away (renamed)
-// is followed by a fresh one at the same path.
+// add puts one line in the batch, first ending a line a failed write tore.
+func (w *usageWriter) add(line []byte) {
+	if w.torn && len(w.batch) == 0 {
+		w.batch = append(w.batch, '\n')
+		w.torn = false
+	}
+	w.batch = append(w.batch, line...)
+	w.ends = append(w.ends, len(w.batch))
+}
+
+// drain writes the batch and every line queued now, in writes of about
+// usageBatchBytes. It reports false if the queue has been closed.
+func (w *usageWriter) drain() bool {
+	for {
+		select {
+		case line, ok := <-w.u.queue:
+			if !ok {
+				w.write()
+				return false
+			}
+			w.add(line)
+			if len(w.batch) >= usageBatchBytes {
+				w.write()
+			}
+		default:
+			w.write()
+			return true
+		}
+	}
+}
+
+// write writes the batch. Records it could not write whole are counted as
+// lost; the first failure is logged, and so is the recovery.
+func (w *usageWriter) write() {
+	if len(w.ends) == 0 {
+		return
+	}
+	u := w.u
+	n, err := w.f.Write(w.batch)
+	written := len(w.ends)
+	if err != nil {
+		written, _ = slices.BinarySearch(w.ends, n+1) // records ending at or before n
+		u.m.usageErrors.Add(int64(len(w.ends) - written))
+		w.torn = n > 0 && n < len(w.batch) && w.batch[n-1] != '\n'
+		if !w.failing {
+			u.log.Warn("usage log write failed; records lost until it works again", "file", u.path, "err", err)
+		}
+	} else if w.failing {
+		u.log.Info("usage log written again", "file", u.path)
+	}
+	w.failing = err != nil
+	u.m.usageRecords.Add(int64(written))
+	w.batch, w.ends = w.batch[:0], w.ends[:0]
+	if cap(w.batch) > 4*usageBatchBytes { // a burst's buffer goes back to the collector
+		w.batch = nil
+	}
+}
+
+// reopen replaces the file with a fresh open of the path. If that fails,
+// the old file stays in use.
+func (w *usageWriter) reopen() error {
+	f, err := openAppend(w.u.path)
+	if err != nil {
+		return err
+	}
+	w.f.Close()
+	w.f, w.torn = f, false
+	return nil
+}
+
+// Reopen writes what is queued, then closes and reopens the file, so that
+// a log rotated away (renamed) is followed by a fresh one at the same path.
+// If the path cannot be opened, records keep going to the old file.
 func (u *usageLog) Reopen() error {
+	return u.request(true)
+}
+
+// flush returns once every record queued before the call has been written
+// (or counted as lost).
+func (u *usageLog) flush() error {
+	return u.request(false)
+}
+
+func (u *usageLog) request(reopen bool) error {
 	if u == nil {
 		return nil
 	}
 	reply := make(chan error)
-	u.reopen <- reply
-	return <-reply
+	select {
+	case u.requests <- usageRequest{reopen: reopen, reply: reply}:
+		return <-reply
+	case <-u.done:
+		return errUsageClosed
+	}
 }
 
-// close writes what is queued and closes the file.
+// close writes what is queued and closes the file. Records written after
+// it are counted as lost. It may be called more than once.
 func (u *usageLog) close() {
 	if u == nil {
 		return
 	}
-	close(u.queue)
+	u.mu.Lock()
+	if !u.closed {
+		u.closed = true
+		close(u.queue)
+	}
+	u.mu.Unlock()
 	<-u.done
 }
 
-// write queues a record, or drops it if the queue is full.
-func (u *usageLog) write(rec *usageRecord) {
+// write queues a record, or counts it as lost if the queue is full.
+func (u *usageLog) write(rec any) {
 	line, err := json.Marshal(rec)
-	if err != nil {
-		panic(err) // usage records hold only strings and numbers
+	if err != nil { // a time that is not a number, from a corrupt journal
+		u.m.usageErrors.Add(1)
+		u.log.Warn("usage record not written", "err", err)
+		return
+	}
+	line = append(line, '\n')
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		u.m.usageErrors.Add(1)
+		return
 	}
 	select {
-	case u.queue <- append(line, '\n'):
+	case u.queue <- line:
 	default:
 		u.m.usageErrors.Add(1)
 	}
 }
 
 // blurred rounds t down to a multiple of the blur interval (§8.5).
-func (u *usageLog) blurred(t float64) *float64 {
+func (u *usageLog) blurred(t float64) float64 {
 	if u.blur > 0 {
 		t = float64(u.blur) * math.Floor(t/float64(u.blur))
 	}
-	return &t
+	return t
 }
 
-// bound records a client's bind with its client_version.
+// bound records a client's bind with its client_version, null when the
+// client sent none (§8.4).
 func (u *usageLog) bound(appID, side string, now float64, impl, version *string) {
 	if u == nil {
 		return
 	}
-	u.write(&usageRecord{Type: "client_version", AppID: &appID, Side: &side,
+	u.write(&clientVersionUsage{Type: usageClientVersion, AppID: appID, Side: side,
 		ConnectTime: u.blurred(now), Implementation: impl, Version: version})
 }
 
-// nameplateRetired records a nameplate that was deleted: "happy" when two
-// sides used it, "lonely" when one did, "pruney" when it expired,
-// "crowded" when more than two tried.
+// nameplateRetired records a nameplate that was deleted (§8.3): "lonely"
+// unless exactly two sides used it ("happy"); "pruney" if it expired; and
+// "crowded", above all, if more than two tried.
 func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pruned bool) {
 	if u == nil {
 		return
@@ -191,24 +346,26 @@ func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pr
 	for i, s := range np.sides {
 		times[i] = s.added
 	}
-	rec := u.timing("nameplate", appID, times, now)
-	switch {
-	case len(times) > crowdedSides:
-		rec.Result = resultCrowded
-	case pruned:
-		rec.Result = resultPruney
-	case len(times) == 2:
-		rec.Result = resultHappy
-	case len(times) == 1:
-		rec.Result = resultLonely
+	started, total, waiting := u.timing(times, now)
+	result := resultLonely
+	if len(times) == crowdedSides {
+		result = resultHappy
 	}
-	u.write(rec)
+	if pruned {
+		result = resultPruney
+	}
+	if len(times) > crowdedSides {
+		result = resultCrowded
+	}
+	u.write(&nameplateUsage{Type: usageNameplate, AppID: appID,
+		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
 }
 
-// mailboxRetired records a mailbox that was deleted. The result is the
-// most severe of: "happy" (two sides), "lonely" (one side, or a side that
-// said so), "errory", "scary" (as the sides' moods said), "pruney"
-// (expired), "crowded" (more than two sides).
+// mailboxRetired records a mailbox that was deleted (§8.2). The result is
+// "lonely" for one side and "happy" for more, then overridden by the
+// sides' moods and the server's view, each later rule winning: a "lonely"
+// mood, an "errory" mood, a "scary" mood, expiry ("pruney"), and more than
+// two sides ("crowded"). Other moods change nothing.
 func (u *usageLog) mailboxRetired(mb *mailbox, now float64, pruned bool) {
 	if u == nil {
 		return
@@ -218,55 +375,52 @@ func (u *usageLog) mailboxRetired(mb *mailbox, now float64, pruned bool) {
 	for i, s := range mb.sides {
 		times[i], moods[i] = s.added, s.mood
 	}
-	rec := u.timing("mailbox", mb.app.id, times, now)
-	forNameplate := mb.forNameplate
-	rec.ForNameplate = &forNameplate
+	started, total, waiting := u.timing(times, now)
+	var result string
 	switch {
 	case len(times) > crowdedSides:
-		rec.Result = resultCrowded
+		result = resultCrowded
 	case pruned:
-		rec.Result = resultPruney
+		result = resultPruney
 	case slices.Contains(moods, resultScary):
-		rec.Result = resultScary
+		result = resultScary
 	case slices.Contains(moods, resultErrory):
-		rec.Result = resultErrory
+		result = resultErrory
 	case slices.Contains(moods, resultLonely) || len(times) == 1:
-		rec.Result = resultLonely
-	case len(times) >= 2:
-		rec.Result = resultHappy
+		result = resultLonely
+	case len(times) == 0:
+		result = resultQuiet
+	default:
+		result = resultHappy
 	}
-	u.write(rec)
+	u.write(&mailboxUsage{Type: usageMailbox, AppID: mb.app.id, ForNameplate: mb.forNameplate,
+		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
 }
 
-// timing fills the fields nameplate and mailbox records share: when the
-// first side came, how long the second kept it waiting, and how long the
-// whole thing lasted. Durations are never blurred.
-func (u *usageLog) timing(typ, appID string, times []float64, now float64) *usageRecord {
-	rec := &usageRecord{Type: typ, AppID: &appID, Result: resultQuiet}
+// timing computes what nameplate and mailbox records share from the times
+// the sides came: when the first came (blurred), how long the whole thing
+// lasted, and how long the first waited for the second (nil if no second).
+func (u *usageLog) timing(times []float64, now float64) (started, total float64, waiting *float64) {
 	if len(times) == 0 {
-		rec.Started, rec.TotalTime = u.blurred(now), new(float64)
-		return rec
+		return u.blurred(now), 0, nil
 	}
 	slices.Sort(times)
-	rec.Started = u.blurred(times[0])
-	total := now - times[0]
-	rec.TotalTime = &total
 	if len(times) > 1 {
-		waiting := times[1] - times[0]
-		rec.WaitingTime = &waiting
+		w := times[1] - times[0]
+		waiting = &w
 	}
-	return rec
+	return u.blurred(times[0]), now - times[0], waiting
 }
 
-// current records the server's state, as the reference does every five
-// minutes: when it started, now, the blur interval, and how many
-// connections are subscribed to a mailbox.
+// current records the server's state, as the reference does at start-up
+// and every five minutes: when it started, now, the blur interval, and how
+// many connections are subscribed to a mailbox.
 func (u *usageLog) current(rebooted, now float64, connections int) {
 	if u == nil {
 		return
 	}
-	rec := &usageRecord{Type: "current", Rebooted: &rebooted, Updated: &now, ConnectionsWebsocket: &connections}
-	if u.blur > 0 {
+	rec := &currentUsage{Type: usageCurrent, Rebooted: rebooted, Updated: now, ConnectionsWebsocket: connections}
+	if u.blur >= 0 {
 		rec.BlurTime = &u.blur
 	}
 	u.write(rec)
@@ -280,15 +434,17 @@ type metrics struct {
 	nameplates       expvar.Int // nameplates in the registry
 	mailboxes        expvar.Int // mailboxes in the registry
 	messages         expvar.Int // messages added since start
-	framesSent       expvar.Int // frames written to clients, messages relayed among them
+	delivered        expvar.Int // messages handed to subscribed connections (echoes and replays included)
+	framesSent       expvar.Int // frames written to clients, of every type
 	clientErrors     expvar.Map // error replies sent, by error string
 	refusals         expvar.Map // requests refused by a limit, by limit
 	dropped          expvar.Map // connections closed by the server, by reason
 	journalSyncs     expvar.Int // fsyncs of the channel journal
 	journalBytes     expvar.Int // bytes appended to the channel journal
 	compactions      expvar.Int // rewrites of the channel journal
+	usageRecords     expvar.Int // usage records written
 	usageErrors      expvar.Int // usage records lost to a full queue or a failed write
-	vars             expvar.Map // all of the above, by name
+	vars             expvar.Map // all of the above, and the registry's gauges, by name
 }
 
 func newMetrics() *metrics {
@@ -299,14 +455,32 @@ func newMetrics() *metrics {
 	m.vars.Init()
 	for name, v := range map[string]expvar.Var{
 		"connections": &m.connections, "connections_total": &m.connectionsTotal,
-		"nameplates": &m.nameplates, "mailboxes": &m.mailboxes, "messages": &m.messages,
-		"frames_sent": &m.framesSent, "client_errors": &m.clientErrors, "refusals": &m.refusals,
-		"dropped": &m.dropped, "journal_syncs": &m.journalSyncs, "journal_bytes": &m.journalBytes,
-		"journal_compactions": &m.compactions, "usage_errors": &m.usageErrors,
+		"nameplates": &m.nameplates, "mailboxes": &m.mailboxes,
+		"messages": &m.messages, "messages_delivered": &m.delivered, "frames_sent": &m.framesSent,
+		"client_errors": &m.clientErrors, "refusals": &m.refusals, "dropped": &m.dropped,
+		"journal_syncs": &m.journalSyncs, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
+		"usage_records": &m.usageRecords, "usage_errors": &m.usageErrors,
+		"goroutines": expvar.Func(func() any { return runtime.NumGoroutine() }),
 	} {
 		m.vars.Set(name, v)
 	}
 	return m
+}
+
+// watch adds the gauges read from the registry itself, under its lock:
+// the apps with anything in them, and the (connection, mailbox)
+// subscriptions, the reference's "connections_websocket".
+func (m *metrics) watch(reg *registry) {
+	m.vars.Set("apps", expvar.Func(func() any {
+		reg.mu.Lock()
+		defer reg.mu.Unlock()
+		return len(reg.apps)
+	}))
+	m.vars.Set("subscriptions", expvar.Func(func() any {
+		reg.mu.Lock()
+		defer reg.mu.Unlock()
+		return reg.subscriptions
+	}))
 }
 
 func (m *metrics) clientError(text string) { m.clientErrors.Add(text, 1) }
@@ -316,7 +490,8 @@ func (m *metrics) refused(limit string) { m.refusals.Add(limit, 1) }
 func (m *metrics) drop(reason string) { m.dropped.Add(reason, 1) }
 
 // handler serves the counters at /debug/vars, beside the process's memory
-// statistics, and a health check at /healthz.
+// statistics, and a health check at /healthz: 200 "ok", or 503 with the
+// reason the server cannot work (shutting down, or the journal failed).
 func (m *metrics) handler(healthy func() error) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /debug/vars", func(w http.ResponseWriter, r *http.Request) {
