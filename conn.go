@@ -369,7 +369,7 @@ func (c *connection) finish(err error) {
 	c.linger()
 	reason := c.reason()
 	if reason != nil && !errors.Is(reason, errClientClosed) {
-		srv.metrics.drop(reason.Error())
+		srv.metrics.drop(reason)
 	}
 	srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
 		"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", reason)

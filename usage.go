@@ -16,6 +16,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -438,7 +439,7 @@ type metrics struct {
 	framesSent       expvar.Int // frames written to clients, of every type
 	clientErrors     expvar.Map // error replies sent, by error string
 	refusals         expvar.Map // requests refused by a limit, by limit
-	dropped          expvar.Map // connections closed by the server, by reason
+	dropped          expvar.Map // connections that ended other than by the client's close frame, by reason
 	journalSyncs     expvar.Int // fsyncs of the channel journal
 	journalBytes     expvar.Int // bytes appended to the channel journal
 	compactions      expvar.Int // rewrites of the channel journal
@@ -487,7 +488,22 @@ func (m *metrics) clientError(text string) { m.clientErrors.Add(text, 1) }
 
 func (m *metrics) refused(limit string) { m.refusals.Add(limit, 1) }
 
-func (m *metrics) drop(reason string) { m.dropped.Add(reason, 1) }
+// drop counts a connection that ended other than by the client's close
+// frame, by reason. A network error
+// is counted by what went wrong ("connection reset by peer", "i/o
+// timeout") without the addresses it carries, which would make a counter
+// for every client and put addresses where --blur-usage promises none.
+func (m *metrics) drop(reason error) {
+	var op *net.OpError
+	if errors.As(reason, &op) {
+		reason = op.Err
+	}
+	var sys *os.SyscallError
+	if errors.As(reason, &sys) {
+		reason = sys.Err
+	}
+	m.dropped.Add(reason.Error(), 1)
+}
 
 // handler serves the counters at /debug/vars, beside the process's memory
 // statistics, and a health check at /healthz: 200 "ok", or 503 with the

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -575,5 +576,20 @@ func TestUsageTornWrite(t *testing.T) {
 	}
 	if m.usageRecords.Value() != 2 || m.usageErrors.Value() != 2 {
 		t.Errorf("after recovery: %d written, %d lost; want 2 and 2", m.usageRecords.Value(), m.usageErrors.Value())
+	}
+}
+
+// TestMetricsDropReasons checks that connections ended by network errors
+// are counted by the error, without the addresses in its text.
+func TestMetricsDropReasons(t *testing.T) {
+	m := newMetrics()
+	addr := &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 4000}
+	m.drop(&net.OpError{Op: "read", Net: "tcp", Source: addr, Addr: addr, Err: &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}})
+	m.drop(&net.OpError{Op: "write", Net: "tcp", Source: addr, Addr: addr, Err: os.ErrDeadlineExceeded})
+	m.drop(errSlowClient)
+	m.drop(io.EOF)
+	want := `{"EOF": 1, "client not reading": 1, "connection reset by peer": 1, "i/o timeout": 1}`
+	if got := m.dropped.String(); got != want {
+		t.Errorf("dropped = %s, want %s", got, want)
 	}
 }
