@@ -622,7 +622,7 @@ func (f *usageFields) set(key []byte, kind int, val []byte) bool {
 	case "connections_websocket":
 		return integer(&f.connectionsWebsocket)
 	case "for_nameplate", "side": // fields no summary uses
-		return kind != valueNumber || validNumber(val)
+		return true
 	}
 	return false
 }
