@@ -684,15 +684,6 @@ func validNumber(b []byte) bool {
 	return i == len(b)
 }
 
-// skipSpace returns the index of the first byte at or after i that is
-// not JSON white space.
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
-		i++
-	}
-	return i
-}
-
 // finish turns what was gathered into the summary's lists and percentages.
 func (s *statsSummary) finish() {
 	if s.seen {
