@@ -27,12 +27,15 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -126,6 +129,8 @@ var (
 	errSlowClient   = errors.New("client not reading")
 	errShutdown     = errors.New("server shutting down")
 	errOverLimit    = errors.New("over the connection limit")
+	errClientGone   = errors.New("client disconnected") // without a close frame: EOF, reset, broken pipe
+	errClientIdle   = errors.New("client idle too long")
 )
 
 // clientAddr is where a client connects from: its TCP peer address, or
@@ -217,6 +222,10 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	if err := c.batch.end(); err != nil || c.ws == nil || !srv.track(c) { // failed, refused, or too late
 		netConn.Close()
 		srv.release(c)
+		if c.ws != nil {
+			srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
+				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", writeFailure(err))
+		}
 		return
 	}
 	go c.serve()
@@ -229,11 +238,21 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // serveWebSocket.
 func (c *connection) accept(ws *websocket.Conn) {
 	c.ws = ws
-	welcome := c.srv.welcome
+	srv := c.srv
+	srv.log.Info("connection opened", "client", srv.logAddr(c.addr))
+	welcome := srv.welcome
 	if c.limitErr != "" {
 		welcome.signalError = c.limitErr
 	}
-	c.writeFrame(ws, welcomeFrame(welcome, c.addr), websocket.TextFrame)
+	frame := welcomeFrame(welcome, c.addr)
+	if srv.logMessages {
+		logged := frame
+		if srv.blurLogs { // the welcome tells the client its address
+			logged = welcomeFrame(welcome, clientAddr{})
+		}
+		srv.log.Info("send", "client", srv.logAddr(c.addr), logFrame(logged))
+	}
+	c.writeFrame(ws, frame, websocket.TextFrame)
 }
 
 // handedOver is the connection as x/net/websocket sees it. The library
@@ -316,10 +335,9 @@ func (c *connection) serve() {
 	c.finish(err)
 }
 
-// start logs the connection and starts its keepalive pings, or, if the
-// client's address is over its connection limit, ends it.
+// start starts the connection's keepalive pings, or, if the client's
+// address is over its connection limit, ends it.
 func (c *connection) start() error {
-	c.srv.log.Info("connection opened", "client", c.srv.logAddr(c.addr))
 	if c.limitErr != "" {
 		return errOverLimit
 	}
@@ -332,7 +350,7 @@ func (c *connection) start() error {
 // received handles one message.
 func (c *connection) received(msg []byte) error {
 	if c.srv.logMessages {
-		c.srv.log.Info("recv", "client", c.srv.logAddr(c.addr), "msg", shorten(msg))
+		c.srv.log.Info("recv", "client", c.srv.logAddr(c.addr), logFrame(msg))
 	}
 	return c.handle(msg)
 }
@@ -363,12 +381,12 @@ func (c *connection) finish(err error) {
 	case !isNetClose(err):
 		c.end(closeInternalFail, err)
 	default:
-		c.abort(err) // the client went away, or the server cut it off
+		c.abort(readFailure(err)) // the client went away, or the server cut it off
 	}
 	c.waitFlushed()
 	c.linger()
 	reason := c.reason()
-	if reason != nil && !errors.Is(reason, errClientClosed) {
+	if reason != nil && !errors.Is(reason, errClientClosed) && !errors.Is(reason, errClientGone) {
 		srv.metrics.drop(reason)
 	}
 	srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
@@ -571,7 +589,7 @@ func (c *connection) flush() {
 		c.outbox, c.outBytes = nil, 0
 		c.outMu.Unlock()
 		if err := c.writeBatch(batch); err != nil {
-			c.abort(err)
+			c.abort(writeFailure(err))
 		}
 	}
 }
@@ -589,7 +607,7 @@ func (c *connection) writeBatch(batch []outFrame) error {
 	closing := false
 	for _, f := range batch {
 		if c.srv.logMessages && f.opcode == websocket.TextFrame {
-			c.srv.log.Info("send", "client", c.srv.logAddr(c.addr), "msg", shorten(f.data))
+			c.srv.log.Info("send", "client", c.srv.logAddr(c.addr), logFrame(f.data))
 		}
 		c.writeFrame(c.ws, f.data, f.opcode)
 		closing = closing || f.opcode == websocket.CloseFrame
@@ -706,10 +724,37 @@ func (c *connection) reason() error {
 	return c.endReason
 }
 
-// isNetClose reports whether err just means the connection went away.
+// isNetClose reports whether err just means the connection went away
+// (or, as a timeout, should be made to).
 func isNetClose(err error) bool {
+	var opErr *net.OpError
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || isTimeout(err)
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || isTimeout(err) || errors.As(err, &opErr)
+}
+
+// readFailure and writeFailure name why reading from or writing to a
+// client failed, for the log and the "dropped" counter. A network error
+// carries both ends' addresses, which must not reach either (so a
+// --blur-usage log names no client, and the counter does not grow a
+// key per client).
+func readFailure(err error) error {
+	switch {
+	case isTimeout(err):
+		return errClientIdle
+	case isNetClose(err):
+		return errClientGone
+	}
+	return err
+}
+
+func writeFailure(err error) error {
+	switch {
+	case isTimeout(err):
+		return errSlowClient
+	case isNetClose(err):
+		return errClientGone
+	}
+	return err
 }
 
 func isTimeout(err error) bool {
@@ -717,14 +762,37 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// shorten abbreviates a frame for the message log: long hex bodies are
-// cut, so the log shows the protocol, not the (encrypted) contents.
-func shorten(b []byte) string {
-	const max = 200
-	if len(b) <= max {
-		return string(b)
+// Message log (--log-messages) limits.
+const (
+	// logBodyDigits is how much of a hex "body" the message log shows: a
+	// taste. Bodies are mostly ciphertext, and it is the protocol around
+	// them that the log is for.
+	logBodyDigits = 32
+
+	// logFrameBytes bounds a frame in the message log whatever it holds.
+	logFrameBytes = 1 << 10
+)
+
+// longBody matches a "body" field whose hex value is longer than
+// logBodyDigits.
+var longBody = regexp.MustCompile(`("body"\s*:\s*")([0-9a-fA-F]{` + strconv.Itoa(logBodyDigits+1) + `,})"`)
+
+// logFrame is a frame as the message log shows it: with its body cut
+// short and every other field kept, so that the whole protocol shows.
+// A frame that is JSON is logged as JSON, so that --log-format=json nests
+// it as an object rather than a string.
+func logFrame(frame []byte) slog.Attr {
+	short := longBody.ReplaceAllFunc(frame, func(m []byte) []byte {
+		sm := longBody.FindSubmatch(m)
+		return fmt.Appendf(nil, `%s%s…(%d hex digits)"`, sm[1], sm[2][:logBodyDigits], len(sm[2]))
+	})
+	switch {
+	case len(short) > logFrameBytes:
+		return slog.String("frame", fmt.Sprintf("%s…(%d bytes)", short[:logFrameBytes], len(frame)))
+	case json.Valid(short):
+		return slog.Any("frame", json.RawMessage(short))
 	}
-	return fmt.Sprintf("%s…(%d bytes)", b[:max], len(b))
+	return slog.String("frame", string(short))
 }
 
 // limiter enforces the per-address limits: how many connections one

@@ -24,11 +24,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -71,9 +73,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "wormhole-mailbox:", err)
+		if errors.Is(err, flag.ErrHelp) { // -h or --version: done as asked
+			return
 		}
+		fmt.Fprintln(os.Stderr, "wormhole-mailbox:", err)
 		os.Exit(1)
 	}
 }
@@ -109,6 +112,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return runStats(args[1:], stdout, stderr)
 		case "load":
 			return runLoad(ctx, args[1:], stdout, stderr)
+		case "healthcheck":
+			return runHealthcheck(ctx, args[1:], stdout, stderr)
 		}
 	}
 	cfg, err := parseFlags(args, stdout, stderr)
@@ -122,6 +127,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	defer srv.close()
 
+	// SIGHUP is caught from here on, before anything is served, so that a
+	// reload can never find the process unprepared (its default action
+	// would end the process).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
 	addr, err := listenAddress(cfg.port)
 	if err != nil {
 		return err
@@ -130,12 +142,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	defer ln.Close()
+	var mln net.Listener
+	if cfg.metricsListen != "" {
+		if mln, err = net.Listen("tcp", cfg.metricsListen); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		defer mln.Close()
+	}
 	httpSrv := &http.Server{
 		Handler:           srv.handler(),
-		ReadHeaderTimeout: readHeaderTimeout,
+		ReadHeaderTimeout: readHeaderTimeout, // also bounds the TLS handshake
 		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       httpIdleTimeout,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ErrorLog:          httpErrorLog(log, srv.blurLogs),
 		Protocols:         new(http.Protocols), // HTTP/1.1 only: a WebSocket upgrade needs it
 	}
 	httpSrv.Protocols.SetHTTP1(true)
@@ -145,28 +165,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if cert, err = loadCertificate(cfg.tlsCert, cfg.tlsKey); err != nil {
 			return err
 		}
-		httpSrv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: cert.get}
+		httpSrv.TLSConfig = tlsConfig(cert)
 		ln = tls.NewListener(ln, httpSrv.TLSConfig)
 		scheme = "wss"
 	}
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- httpSrv.Serve(ln) }()
 	log.Info("websocket listening", "url", fmt.Sprintf("%s://%s/v1", scheme, ln.Addr()), "version", version)
-
-	if cfg.metricsListen != "" {
-		mln, err := net.Listen("tcp", cfg.metricsListen)
-		if err != nil {
-			return fmt.Errorf("metrics: %w", err)
-		}
-		msrv := &http.Server{Handler: srv.metrics.handler(srv.healthy), ReadHeaderTimeout: readHeaderTimeout}
+	if mln != nil {
+		msrv := &http.Server{Handler: srv.metrics.handler(srv.healthy), ReadHeaderTimeout: readHeaderTimeout,
+			ErrorLog: httpErrorLog(log, srv.blurLogs)}
 		go func() { serveErr <- msrv.Serve(mln) }()
 		defer msrv.Close()
 		log.Info("metrics listening", "url", fmt.Sprintf("http://%s/debug/vars", mln.Addr()))
 	}
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for {
 		select {
 		case <-hup:
@@ -192,17 +205,39 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
+// tlsConfig is the TLS configuration for --tls-cert. It follows
+// Mozilla's "intermediate" profile, which every wormhole client meets:
+// TLS 1.2 and 1.3 only, and for TLS 1.2 only the forward-secret AEAD
+// cipher suites (TLS 1.3 has no others). The key exchanges are the
+// standard library's, which prefer a post-quantum hybrid. The certificate
+// is taken from cert at each handshake, so a reloaded one is used at once.
+// Only HTTP/1.1 is offered: WebSocket upgrades need it.
+func tlsConfig(cert *certificate) *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		NextProtos:     []string{"http/1.1"},
+		GetCertificate: cert.get,
+	}
+}
+
 func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry}
 	fs := flag.NewFlagSet("wormhole-mailbox", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: wormhole-mailbox [flags]
-       wormhole-mailbox stats [flags]   summarise a usage log (stats -h)
-       wormhole-mailbox load [flags]    drive load at a server (load -h)
+       wormhole-mailbox stats [flags]    summarise a usage log (stats -h)
+       wormhole-mailbox load [flags]     drive load at a server (load -h)
+       wormhole-mailbox healthcheck URL  check a running server (healthcheck -h)
 
 A Magic Wormhole mailbox (rendezvous) server. Clients connect to
-ws://HOST:PORT/v1. Flags match the reference server's where it has them.
+ws://HOST:PORT/v1, or wss:// with --tls-cert. Flags match the reference
+server's where it has them.
 
 `)
 		fs.PrintDefaults()
@@ -297,12 +332,96 @@ func listenAddress(port string) (string, error) {
 	return net.JoinHostPort(host, p), nil
 }
 
+// healthcheckTimeout bounds the "healthcheck" command: a container
+// runtime's health check must end on its own.
+const healthcheckTimeout = 5 * time.Second
+
+// runHealthcheck is the "healthcheck" command, for container images,
+// which have no curl: it fetches a URL and succeeds if the answer is
+// 200 OK. Pointed at /healthz on the metrics listener, it reports whether
+// the server can do its job (see server.healthy).
+func runHealthcheck(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("wormhole-mailbox healthcheck", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: wormhole-mailbox healthcheck URL
+
+Fetch URL, such as http://127.0.0.1:4001/healthz (served by
+--metrics-listen), and exit with status 0 if the answer is 200 OK.
+`)
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return errors.New("healthcheck: one URL expected")
+	}
+	ctx, cancel := context.WithTimeout(ctx, healthcheckTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fs.Arg(0), nil)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	stdout.Write(body)
+	return nil
+}
+
+// newLogger returns the server's logger: one line per event, as
+// key=value text or as JSON objects.
 func newLogger(format string, w io.Writer) *slog.Logger {
 	if format == "json" {
 		return slog.New(slog.NewJSONHandler(w, nil))
 	}
 	return slog.New(slog.NewTextHandler(w, nil))
 }
+
+// httpErrorLog returns the logger net/http reports its own errors to,
+// which passes them on to the server's log: failed TLS handshakes at Info
+// (scanners and clients that do not trust the certificate cause them, not
+// the server), anything else at Warn (such as running out of file
+// descriptors). net/http names the client in these; when blur is set
+// (--blur-usage), addresses are masked.
+func httpErrorLog(logger *slog.Logger, blur bool) *log.Logger {
+	return log.New(httpErrors{logger, blur}, "", 0)
+}
+
+type httpErrors struct {
+	log  *slog.Logger
+	blur bool
+}
+
+func (h httpErrors) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	if h.blur {
+		line = maskAddrs(line)
+	}
+	if reason, ok := strings.CutPrefix(line, "http: TLS handshake error from "); ok {
+		h.log.Info("TLS handshake failed", "err", reason)
+	} else {
+		h.log.Warn("http server", "err", strings.TrimPrefix(line, "http: "))
+	}
+	return len(p), nil
+}
+
+// addrPattern matches the IP addresses (with a port or not) that Go's
+// network errors contain: dotted IPv4, and bracketed IPv6.
+var addrPattern = regexp.MustCompile(`\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(%[^\]]*)?\](:\d+)?`)
+
+// maskAddrs replaces every IP address in s by "-", as logAddr does.
+func maskAddrs(s string) string { return addrPattern.ReplaceAllLiteralString(s, "-") }
 
 // server is the mailbox service: the registry, its journal and usage
 // log, and the connections using them.
