@@ -332,9 +332,16 @@ func listenAddress(port string) (string, error) {
 	return net.JoinHostPort(host, p), nil
 }
 
-// healthcheckTimeout bounds the "healthcheck" command: a container
-// runtime's health check must end on its own.
-const healthcheckTimeout = 5 * time.Second
+// The "healthcheck" command's limits.
+const (
+	// healthcheckTimeout bounds the check: a container runtime's health
+	// check must end on its own.
+	healthcheckTimeout = 5 * time.Second
+
+	// maxHealthBody bounds what is read of the answer: /healthz says "ok"
+	// or why not, in a line.
+	maxHealthBody = 1 << 10
+)
 
 // runHealthcheck is the "healthcheck" command, for container images,
 // which have no curl: it fetches a URL and succeeds if the answer is
@@ -368,7 +375,7 @@ Fetch URL, such as http://127.0.0.1:4001/healthz (served by
 		return fmt.Errorf("healthcheck: %w", err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxHealthBody))
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("healthcheck: %s: %s", resp.Status, strings.TrimSpace(string(body)))
 	}
