@@ -411,9 +411,9 @@ func TestTLSReloadOnSIGHUP(t *testing.T) {
 	c.expect(`{"type": "list"}`, "nameplates") // the open connection is unaffected
 }
 
-// exchange has a client bind, claim, open and add a message, and then
+// loggedExchange has a client bind, claim, open and add a message, and then
 // close its connection cleanly, and waits for the server to log that.
-func exchange(t testing.TB, s *runningServer, c *testClient, appID, side, body string) {
+func loggedExchange(t testing.TB, s *runningServer, c *testClient, appID, side, body string) {
 	t.Helper()
 	c.bind(appID, side)
 	mailbox := c.expect(`{"type": "claim", "nameplate": "4", "id": "c1"}`, "claimed")[0].str("mailbox")
@@ -432,7 +432,7 @@ func TestLogMessages(t *testing.T) {
 	s := startRun(t, "--log-messages", "--log-format=json")
 	c := dialURL(t, s.url)
 	body := strings.Repeat("0123456789abcdef", 8)
-	exchange(t, s, c, "learning", "side1", body)
+	loggedExchange(t, s, c, "learning", "side1", body)
 
 	type record struct {
 		Msg    string          `json:"msg"`
@@ -504,7 +504,7 @@ func TestLogHasNoMessagesByDefault(t *testing.T) {
 	s := startRun(t)
 	c := dialURL(t, s.url)
 	body := "5ec12e7b0d1e5ec12e7b0d1e"
-	exchange(t, s, c, "secret-app", "secret-side", body)
+	loggedExchange(t, s, c, "secret-app", "secret-side", body)
 	client := "client=" + c.raw.LocalAddr().String()
 	var opened, closed int
 	for _, line := range s.log.snapshot() {
