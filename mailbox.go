@@ -12,6 +12,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base32"
 	"encoding/json"
@@ -353,6 +354,7 @@ func (r *registry) addLocked(mb *mailbox, m message) error {
 		r.metrics.refused("mailbox full")
 		return errMailboxFull
 	}
+	m.id = compactJSON(m.id)
 	mb.messages = append(mb.messages, m)
 	mb.bytes += m.size()
 	r.storedBytes += int64(m.size())
@@ -365,6 +367,21 @@ func (r *registry) addLocked(mb *mailbox, m message) error {
 		s.send(frame)
 	}
 	return nil
+}
+
+// compactJSON returns a JSON value without insignificant white space. A
+// message's id is stored so, because the journal can store it no other
+// way: a message is then the same bytes when first delivered and when
+// replayed after a restart.
+func compactJSON(v json.RawMessage) json.RawMessage {
+	if !bytes.ContainsAny(v, " \t\r\n") {
+		return v
+	}
+	var b bytes.Buffer
+	if json.Compact(&b, v) != nil {
+		return v // not JSON: cannot happen, ids come parsed
+	}
+	return b.Bytes()
 }
 
 // subscribeLocked makes s receive every message added to mb from now on,

@@ -184,6 +184,16 @@ func replay(f *os.File, path string, reg *registry) (int64, error) {
 	}
 }
 
+// newLineEncoder returns an encoder of journal lines. It does not escape
+// HTML characters, so that a message id (raw JSON, kept compact by the
+// registry) is written byte for byte, and a message replayed after a
+// restart is the same as when it was first delivered.
+func newLineEncoder(w io.Writer) *json.Encoder {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	return enc
+}
+
 // lastLSN is the LSN of the last line appended. Frames queued now depend
 // on at most that much of the journal.
 func (s *store) lastLSN() uint64 {
@@ -199,12 +209,12 @@ func (s *store) append(rec *record) {
 	if s == nil {
 		return
 	}
-	line, err := json.Marshal(rec)
-	if err != nil {
+	var line bytes.Buffer
+	if err := newLineEncoder(&line).Encode(rec); err != nil {
 		panic(err) // records hold only strings, numbers and valid raw JSON
 	}
 	s.mu.Lock()
-	s.pending = append(append(s.pending, line...), '\n')
+	s.pending = append(s.pending, line.Bytes()...)
 	s.appended.Add(1)
 	s.mu.Unlock()
 	s.wake.Signal()
@@ -444,30 +454,35 @@ func messageRecord(mb *mailbox, m message) *record {
 		Side: m.side, Phase: m.phase, Body: m.body, ServerRx: m.serverRx, ID: m.id}
 }
 
-// snapshot returns the registry's live state as journal lines: every
-// mailbox, then every nameplate, then every message. The copies are taken
-// with the registry locked and encoded after it is unlocked.
+// snapshot returns the registry's live state as journal lines, with the
+// LSN they cover. For each app come its mailboxes, each followed by its
+// messages, then its nameplates, which name the mailboxes. The copies are
+// taken with the registry locked and encoded after it is unlocked.
 func (r *registry) snapshot(s *store) ([]byte, uint64) {
 	r.mu.Lock()
 	var recs []*record
 	for _, a := range r.apps {
 		for _, mb := range a.mailboxes {
-			recs = append(recs, mailboxRecord(mb))
-		}
-		for _, np := range a.nameplates {
-			recs = append(recs, nameplateRecord(a, np))
-		}
-		for _, mb := range a.mailboxes {
+			rec := mailboxRecord(mb)
+			recs = append(recs, rec)
 			for _, m := range mb.messages {
 				recs = append(recs, messageRecord(mb, m))
 			}
+			// Replaying a message sets the mailbox's activity time to the
+			// message's; if something later moved it on, say so again.
+			if n := len(mb.messages); n > 0 && mb.messages[n-1].serverRx != mb.updated {
+				recs = append(recs, rec)
+			}
+		}
+		for _, np := range a.nameplates {
+			recs = append(recs, nameplateRecord(a, np))
 		}
 	}
 	lsn := s.discardPending()
 	r.mu.Unlock()
 
 	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
+	enc := newLineEncoder(&buf)
 	for _, rec := range recs {
 		enc.Encode(rec)
 	}
