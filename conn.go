@@ -596,11 +596,7 @@ func (c *connection) flush() {
 
 // writeBatch sends a batch of frames, once the journal holds what they report.
 func (c *connection) writeBatch(batch []outFrame) error {
-	var lsn uint64
-	for _, f := range batch {
-		lsn = max(lsn, f.lsn) // a ping queued last has lsn 0
-	}
-	if err := c.srv.reg.journal.waitDurable(lsn); err != nil {
+	if err := c.srv.reg.journal.waitDurable(batchLSN(batch)); err != nil {
 		return err
 	}
 	c.batch.begin()
@@ -622,6 +618,18 @@ func (c *connection) writeBatch(batch []outFrame) error {
 		c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
 	}
 	return nil
+}
+
+// batchLSN is the journal position a batch depends on: the highest of its
+// frames'. It is not always the last frame's: pings, pongs and close
+// frames depend on nothing (their lsn is 0), and one may be queued after a
+// message that does.
+func batchLSN(batch []outFrame) uint64 {
+	var lsn uint64
+	for _, f := range batch {
+		lsn = max(lsn, f.lsn)
+	}
+	return lsn
 }
 
 // writeFrame encodes one frame into the batch being written.
