@@ -492,18 +492,12 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
-		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m)
+		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m, srv.journalFailed)
 		if err != nil {
 			usage.close()
 			return nil, err
 		}
 		srv.reg.journal = journal
-		journal.onFail = func(err error) {
-			select {
-			case srv.failed <- err:
-			default:
-			}
-		}
 	}
 	if !cfg.allowList {
 		log.Info("listing of allocated nameplates disallowed")
@@ -516,6 +510,15 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	srv.stopPruning, srv.pruned = cancel, make(chan struct{})
 	go srv.pruneEvery(ctx, cfg.pruneInterval, cfg.channelExpiry)
 	return srv, nil
+}
+
+// journalFailed is told when the journal can make nothing more durable.
+// Every reply from then on would wait forever, so run stops the server.
+func (srv *server) journalFailed(err error) {
+	select {
+	case srv.failed <- err:
+	default:
+	}
 }
 
 // now is the server's clock in Unix seconds, the unit of the protocol.

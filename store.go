@@ -12,6 +12,12 @@
 // fsync, then wakes everyone waiting for those LSNs (group commit). A
 // connection sends no frame until the journal is durable up to the LSN the
 // frame depends on, so whatever a client has seen survives kill -9.
+//
+// When most of the file is dead, the writer rewrites it with the live
+// state only, beside the old one, and renames it into place. If that
+// cannot be done the old file is kept and grows; if a write or fsync of
+// the journal fails, the journal stops: nothing more is made durable, no
+// frame that depends on it is sent, and the server is told to stop.
 package main
 
 import (
@@ -21,23 +27,31 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 )
 
 // Compaction rewrites the journal with the live state only once the file
-// has grown to compactFactor times the size of the last rewrite, and is at
-// least compactMinBytes; mailboxes live minutes, so most lines are dead
-// soon, and the factor keeps the rewriting cost proportional to the
-// appending.
+// has grown to compactFactor times the size of the last rewrite (or, after
+// a start, to compactMinBytes), and is at least compactMinBytes. Mailboxes
+// live minutes, so most lines are dead soon, and the factor keeps the
+// rewriting cost proportional to the appending: the file stays under
+// compactFactor times the live state, or compactMinBytes.
 const (
 	compactFactor   = 4
 	compactMinBytes = 1 << 20
 )
+
+// compactSuffix names the temporary file a compaction writes beside the
+// journal, followed by random characters. One left by a crash in the
+// middle of a compaction is removed at the next start.
+const compactSuffix = ".compact-"
 
 // maxSpareBuffer is the largest write buffer the writer keeps for reuse;
 // a larger one, left by a burst, is returned to the garbage collector.
@@ -89,9 +103,9 @@ type store struct {
 	fsync bool // false: write without fsync (--fsync=never), for benchmarks only
 	log   *slog.Logger
 	m     *metrics
-	// snapshot returns the live state as journal lines, with the LSN they
-	// cover, discarding lines not yet written (the snapshot includes them).
-	snapshot func() ([]byte, uint64)
+	// snapshot returns the live state as journal lines with the LSN they
+	// cover, and takes the lines not yet written, which it includes.
+	snapshot func() (data []byte, lsn uint64, taken []byte)
 	// onFail is told when the journal fails; the server then stops.
 	onFail func(error)
 
@@ -104,54 +118,138 @@ type store struct {
 	pending  []byte    // lines appended and not yet written
 	spare    []byte
 	failed   error // set when a write fails; nothing is durable after it
-	closing  bool
+	closing  bool  // close has begun: the writer writes what is pending and exits
+	closed   bool  // the writer has exited: nothing appended from now on is written
 
-	f        *os.File // open, locked, positioned at its end; used by the writer only
-	size     int64    // bytes in f
-	liveSize int64    // bytes written by the last compaction
-	done     chan struct{}
+	f         *os.File // open, locked, positioned at its end; used by the writer only
+	size      int64    // bytes in f
+	compactAt int64    // the size at which f is next compacted
+	done      chan struct{}
 }
+
+// errJournalClosed is what waiting for a line appended after the journal
+// was closed returns: it will never be written.
+var errJournalClosed = errors.New("journal closed")
 
 // openStore opens (or creates) the journal at path, locks it against a
 // second server, replays it into reg, and starts the writer. A torn last
 // line, left by a crash in the middle of a write, is dropped; any other
-// unreadable line is an error naming the file and line.
-func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metrics) (*store, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+// unreadable line is an error naming the file and line, and the file is
+// left as it is. onFail is told if the journal later fails.
+func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metrics, onFail func(error)) (*store, error) {
+	f, created, err := openJournal(path)
 	if err != nil {
 		return nil, err
 	}
-	if err := lockFile(f); err != nil {
+	fail := func(err error) (*store, error) {
 		f.Close()
-		return nil, fmt.Errorf("%s is in use by another server (%v)", path, err)
+		return nil, err
+	}
+	dir := filepath.Dir(path)
+	if created { // a new file's name is durable only once its directory is synced
+		if err := syncDir(dir); err != nil {
+			return fail(err)
+		}
+	}
+	if err := removeCompactionLeftovers(path, log); err != nil {
+		return fail(err)
 	}
 	good, err := replay(f, path, reg)
 	if err != nil {
-		f.Close()
-		return nil, err
+		return fail(err)
 	}
-	if end, _ := f.Seek(0, io.SeekEnd); end != good {
+	end, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return fail(err)
+	}
+	if end != good {
 		log.Warn("dropping torn last line of the journal", "file", path, "bytes", end-good)
 		if err := f.Truncate(good); err != nil {
-			f.Close()
-			return nil, err
+			return fail(err)
 		}
 	}
 	if _, err := f.Seek(good, io.SeekStart); err != nil {
-		f.Close()
-		return nil, err
+		return fail(err)
 	}
-	s := &store{path: path, fsync: fsync, log: log, m: m, f: f, size: good, done: make(chan struct{})}
+	s := &store{path: path, fsync: fsync, log: log, m: m, onFail: onFail, f: f, size: good,
+		compactAt: compactMinBytes, done: make(chan struct{})}
 	s.wake.L, s.advanced.L = &s.mu, &s.mu
-	s.snapshot = func() ([]byte, uint64) { return reg.snapshot(s) }
+	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
 	go s.run()
 	return s, nil
+}
+
+// openJournal opens the journal file, creating it if it does not exist,
+// and locks it. A compaction by a server holding the lock replaces the
+// file under its name, so once the lock is taken the name must still lead
+// to the file locked; if it does not, the file now under the name is
+// opened instead.
+func openJournal(path string) (f *os.File, created bool, err error) {
+	for {
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		created = err == nil
+		if errors.Is(err, fs.ErrExist) {
+			f, err = os.OpenFile(path, os.O_RDWR, 0o600)
+		}
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // removed between the two opens
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		if err := lockFile(f); err != nil {
+			f.Close()
+			if errors.Is(err, syscall.EWOULDBLOCK) {
+				return nil, false, fmt.Errorf("journal %s is in use by another server (it holds the file's lock); two servers cannot share one journal", path)
+			}
+			return nil, false, fmt.Errorf("locking journal %s: %w", path, err)
+		}
+		held, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, false, err
+		}
+		if named, err := os.Stat(path); err == nil && os.SameFile(held, named) {
+			return f, created, nil
+		} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			f.Close()
+			return nil, false, err
+		}
+		f.Close()
+	}
 }
 
 // lockFile takes an advisory lock on f, refused at once if another
 // process holds it.
 func lockFile(f *os.File) error {
 	return syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+}
+
+// removeCompactionLeftovers deletes the temporary files of compactions
+// that a crash interrupted (they were never renamed, so they hold nothing
+// the journal needs), and checks that a new file can be made beside the
+// journal, as compaction must: better to refuse to start than to find out
+// when the journal has grown.
+func removeCompactionLeftovers(path string, log *slog.Logger) error {
+	dir, prefix := filepath.Dir(path), filepath.Base(path)+compactSuffix
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) && e.Type().IsRegular() {
+			log.Warn("removing the file of an interrupted journal compaction", "file", filepath.Join(dir, e.Name()))
+			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+				return err
+			}
+		}
+	}
+	probe, err := os.CreateTemp(dir, prefix+"*")
+	if err != nil {
+		return fmt.Errorf("journal %s: compaction needs to create files in %s: %w", path, dir, err)
+	}
+	probe.Close()
+	return os.Remove(probe.Name())
 }
 
 // replay applies every whole line of the journal to reg and returns the
@@ -220,21 +318,29 @@ func (s *store) append(rec *record) {
 	s.wake.Signal()
 }
 
-// waitDurable blocks until every line up to lsn is on disk, or the
-// journal has failed.
+// waitDurable blocks until every line up to lsn is on disk. It returns an
+// error instead if the journal has failed, or was closed, before then.
 func (s *store) waitDurable(lsn uint64) error {
 	if s == nil || s.durable.Load() >= lsn {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.durable.Load() < lsn && s.failed == nil {
+	for s.durable.Load() < lsn && s.failed == nil && !s.closed {
 		s.advanced.Wait()
 	}
-	return s.failed
+	switch {
+	case s.durable.Load() >= lsn:
+		return nil
+	case s.failed != nil:
+		return s.failed
+	}
+	return errJournalClosed
 }
 
-// run is the writer goroutine: it writes what is pending, in batches.
+// run is the writer goroutine: it writes what is pending, in batches, and
+// compacts the file when it has grown enough. It exits when the journal is
+// closed, or fails.
 func (s *store) run() {
 	defer close(s.done)
 	for {
@@ -263,11 +369,12 @@ func (s *store) run() {
 		if err != nil {
 			return
 		}
-		if s.size >= compactMinBytes && s.size > compactFactor*s.liveSize {
-			if err := s.compact(); err != nil {
-				s.mu.Lock()
-				s.finishLocked(0, err)
-				s.mu.Unlock()
+		if s.size >= s.compactAt {
+			lsn, err := s.compact()
+			s.mu.Lock()
+			s.finishLocked(lsn, err)
+			s.mu.Unlock()
+			if err != nil {
 				return
 			}
 		}
@@ -302,52 +409,73 @@ func (s *store) write(batch []byte) error {
 	return s.f.Sync()
 }
 
-// compact replaces the journal with the live state only. The new file is
-// written beside the old one, synced, locked, and renamed over it, and
-// the directory is synced, so a crash at any moment leaves either the old
-// file or the new one, whole.
-func (s *store) compact() error {
-	data, lsn := s.snapshot()
-	dir := filepath.Dir(s.path)
-	tmp, err := os.CreateTemp(dir, filepath.Base(s.path)+".compact-*")
-	if err != nil {
-		return err
+// compact replaces the journal with the live state only, and returns the
+// LSN the journal is then durable up to.
+//
+// The snapshot of the live state includes the lines appended but not yet
+// written, and takes them: they are not written to the old file. If the
+// new file cannot be made (the directory is full, say), the old one stays
+// in use, those lines are written to it after all, and compaction is next
+// tried when the file has doubled. Once the new file has replaced the old
+// one, a failure to make that replacement durable fails the journal: the
+// new file holds lines the old one lacks, and a crash could bring the old
+// one back.
+func (s *store) compact() (uint64, error) {
+	data, lsn, taken := s.snapshot()
+	renamed, err := s.replace(data)
+	switch {
+	case err == nil:
+		s.size = int64(len(data))
+		s.compactAt = max(compactMinBytes, compactFactor*s.size)
+		s.m.compactions.Add(1)
+		s.log.Info("journal compacted", "file", s.path, "bytes", len(data))
+		return lsn, nil
+	case renamed:
+		return 0, fmt.Errorf("compaction: %w", err)
 	}
-	keep := false
+	s.log.Error("journal compaction failed; the journal goes on growing", "file", s.path, "err", err)
+	if len(taken) > 0 {
+		if err := s.write(taken); err != nil {
+			return 0, err
+		}
+	}
+	s.compactAt = 2 * s.size
+	return lsn, nil
+}
+
+// replace writes data to a new file beside the journal, syncs it, locks
+// it, and renames it over the journal, then syncs the directory, so that a
+// crash at any moment leaves either the old file or the new one, whole.
+// renamed reports whether the new file took the old one's place (and is
+// now the one written to).
+func (s *store) replace(data []byte) (renamed bool, err error) {
+	dir := filepath.Dir(s.path)
+	tmp, err := os.CreateTemp(dir, filepath.Base(s.path)+compactSuffix+"*")
+	if err != nil {
+		return false, err
+	}
 	defer func() {
-		if !keep {
+		if !renamed {
 			tmp.Close()
 			os.Remove(tmp.Name())
 		}
 	}()
 	if _, err := tmp.Write(data); err != nil {
-		return err
+		return false, err
 	}
 	if err := tmp.Sync(); err != nil {
-		return err
+		return false, err
 	}
-	if err := lockFile(tmp); err != nil {
-		return err
-	}
-	if err := os.Chmod(tmp.Name(), 0o600); err != nil {
-		return err
+	if err := lockFile(tmp); err != nil { // a server starting now must find the new file locked
+		return false, err
 	}
 	if err := os.Rename(tmp.Name(), s.path); err != nil {
-		return err
-	}
-	keep = true
-	if err := syncDir(dir); err != nil {
-		return err
+		return false, err
 	}
 	old := s.f
-	s.f, s.size, s.liveSize = tmp, int64(len(data)), int64(len(data))
+	s.f = tmp
 	old.Close()
-	s.m.compactions.Add(1)
-	s.log.Info("journal compacted", "file", s.path, "bytes", len(data))
-	s.mu.Lock()
-	s.finishLocked(lsn, nil)
-	s.mu.Unlock()
-	return nil
+	return true, syncDir(dir)
 }
 
 func syncDir(dir string) error {
@@ -359,16 +487,20 @@ func syncDir(dir string) error {
 	return d.Sync()
 }
 
-// discardPending drops the lines not yet written and returns the LSN of
-// the last one. The registry calls it, locked, when it takes a snapshot.
-func (s *store) discardPending() uint64 {
+// takePending removes the lines not yet written and returns them, with
+// the LSN of the last one. The registry calls it, locked, when it takes a
+// snapshot, which holds their changes.
+func (s *store) takePending() ([]byte, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.pending = s.pending[:0]
-	return s.appended.Load()
+	taken := s.pending
+	s.pending = nil
+	return taken, s.appended.Load()
 }
 
-// close writes what is pending, syncs, and closes the file.
+// close writes what is pending, syncs (with --fsync=never too), and
+// closes the file. Lines appended after it are never written; waiting for
+// them returns errJournalClosed.
 func (s *store) close() error {
 	if s == nil {
 		return nil
@@ -379,6 +511,8 @@ func (s *store) close() error {
 	s.wake.Signal()
 	<-s.done
 	s.mu.Lock()
+	s.closed = true
+	s.advanced.Broadcast()
 	failed := s.failed
 	s.mu.Unlock()
 	if err := s.f.Sync(); err != nil && failed == nil {
@@ -455,10 +589,11 @@ func messageRecord(mb *mailbox, m message) *record {
 }
 
 // snapshot returns the registry's live state as journal lines, with the
-// LSN they cover. For each app come its mailboxes, each followed by its
-// messages, then its nameplates, which name the mailboxes. The copies are
-// taken with the registry locked and encoded after it is unlocked.
-func (r *registry) snapshot(s *store) ([]byte, uint64) {
+// LSN they cover and the lines it took from the journal (see takePending).
+// For each app come its mailboxes, each followed by its messages, then its
+// nameplates, which name the mailboxes. The copies are taken with the
+// registry locked and encoded after it is unlocked.
+func (r *registry) snapshot(s *store) (data []byte, lsn uint64, taken []byte) {
 	r.mu.Lock()
 	var recs []*record
 	for _, a := range r.apps {
@@ -478,7 +613,7 @@ func (r *registry) snapshot(s *store) ([]byte, uint64) {
 			recs = append(recs, nameplateRecord(a, np))
 		}
 	}
-	lsn := s.discardPending()
+	taken, lsn = s.takePending()
 	r.mu.Unlock()
 
 	var buf bytes.Buffer
@@ -486,7 +621,7 @@ func (r *registry) snapshot(s *store) ([]byte, uint64) {
 	for _, rec := range recs {
 		enc.Encode(rec)
 	}
-	return buf.Bytes(), lsn
+	return buf.Bytes(), lsn, taken
 }
 
 // restoreLocked applies one journal line to the registry.
