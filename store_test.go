@@ -1,0 +1,910 @@
+// store_test.go tests the journal (store.go): replaying every kind of
+// line, torn and bad lines, the lock, compaction (the registry replayed
+// from a compacted file equals the one compacted), a compaction that
+// fails, and a disk that fails. It also holds the helpers that compare
+// registries and drive clients from goroutines, which the process tests
+// (process_test.go) share.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// registryState is what a registry holds, in a form that compares with
+// reflect.DeepEqual. Apps that hold nothing are left out.
+type registryState struct {
+	Apps        map[string]appState
+	Nameplates  int
+	Mailboxes   int
+	StoredBytes int64
+}
+
+type appState struct {
+	Nameplates map[string]nameplateState
+	Mailboxes  map[string]mailboxState
+}
+
+type nameplateState struct {
+	Mailbox string
+	Sides   []sideRecord
+}
+
+type mailboxState struct {
+	ForNameplate bool
+	Updated      float64
+	Sides        []sideRecord
+	Messages     []record
+	Bytes        int
+}
+
+// stateOf copies what reg holds.
+func stateOf(reg *registry) registryState {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	st := registryState{Apps: map[string]appState{}, Nameplates: reg.nameplateN, Mailboxes: reg.mailboxN, StoredBytes: reg.storedBytes}
+	for id, a := range reg.apps {
+		if len(a.nameplates) == 0 && len(a.mailboxes) == 0 {
+			continue
+		}
+		as := appState{Nameplates: map[string]nameplateState{}, Mailboxes: map[string]mailboxState{}}
+		for name, np := range a.nameplates {
+			as.Nameplates[name] = nameplateState{Mailbox: np.mailbox.id, Sides: nameplateRecord(a, np).Sides}
+		}
+		for mid, mb := range a.mailboxes {
+			ms := mailboxState{ForNameplate: mb.forNameplate, Updated: mb.updated, Sides: mailboxRecord(mb).Sides, Bytes: mb.bytes}
+			for _, m := range mb.messages {
+				ms.Messages = append(ms.Messages, *messageRecord(mb, m))
+			}
+			as.Mailboxes[mid] = ms
+		}
+		st.Apps[id] = as
+	}
+	return st
+}
+
+// diffStates lists the differences between two registry states.
+func diffStates(want, got registryState) []string {
+	var diffs []string
+	add := func(format string, args ...any) { diffs = append(diffs, fmt.Sprintf(format, args...)) }
+	if want.Nameplates != got.Nameplates || want.Mailboxes != got.Mailboxes || want.StoredBytes != got.StoredBytes {
+		add("counts: nameplates %d, mailboxes %d, stored bytes %d; want %d, %d, %d",
+			got.Nameplates, got.Mailboxes, got.StoredBytes, want.Nameplates, want.Mailboxes, want.StoredBytes)
+	}
+	for _, id := range unionKeys(want.Apps, got.Apps) {
+		wa, wok := want.Apps[id]
+		ga, gok := got.Apps[id]
+		if !wok || !gok {
+			add("app %q: present %v, want %v", id, gok, wok)
+			continue
+		}
+		for _, name := range unionKeys(wa.Nameplates, ga.Nameplates) {
+			if w, g := wa.Nameplates[name], ga.Nameplates[name]; !reflect.DeepEqual(w, g) {
+				add("app %q nameplate %q:\n\tgot  %+v\n\twant %+v", id, name, g, w)
+			}
+		}
+		for _, mid := range unionKeys(wa.Mailboxes, ga.Mailboxes) {
+			if w, g := wa.Mailboxes[mid], ga.Mailboxes[mid]; !reflect.DeepEqual(w, g) {
+				add("app %q mailbox %q:\n\tgot  %+v\n\twant %+v", id, mid, g, w)
+			}
+		}
+	}
+	return diffs
+}
+
+func unionKeys[V any](a, b map[string]V) []string {
+	var keys []string
+	for k := range a {
+		keys = append(keys, k)
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// expectState fails the test if got differs from want.
+func expectState(t testing.TB, what string, want, got registryState) {
+	t.Helper()
+	if diffs := diffStates(want, got); len(diffs) > 0 {
+		t.Fatalf("%s differs from what was expected:\n%s", what, strings.Join(diffs, "\n"))
+	}
+}
+
+// logRecorder is a logger that writes to the test's log and remembers
+// each message with its level, so tests can check what was logged.
+type logRecorder struct {
+	slog.Handler
+	mu      *sync.Mutex
+	entries *[]string // "LEVEL message"
+}
+
+func newLogRecorder(t testing.TB) *logRecorder {
+	return &logRecorder{Handler: testLogger(t).Handler(), mu: new(sync.Mutex), entries: new([]string)}
+}
+
+func (l *logRecorder) Handle(ctx context.Context, r slog.Record) error {
+	l.mu.Lock()
+	*l.entries = append(*l.entries, r.Level.String()+" "+r.Message)
+	l.mu.Unlock()
+	return l.Handler.Handle(ctx, r)
+}
+
+func (l *logRecorder) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &logRecorder{Handler: l.Handler.WithAttrs(attrs), mu: l.mu, entries: l.entries}
+}
+
+func (l *logRecorder) WithGroup(name string) slog.Handler {
+	return &logRecorder{Handler: l.Handler.WithGroup(name), mu: l.mu, entries: l.entries}
+}
+
+func (l *logRecorder) logger() *slog.Logger { return slog.New(l) }
+
+// count returns how many entries start with prefix ("WARN dropping").
+func (l *logRecorder) count(prefix string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, e := range *l.entries {
+		if strings.HasPrefix(e, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+// openTestStore replays the journal at path into a new registry.
+func openTestStore(t testing.TB, path string) (*registry, *store, *logRecorder, error) {
+	t.Helper()
+	m := newMetrics()
+	reg := newRegistry(defaultLimits, true, nil, nil, m)
+	logs := newLogRecorder(t)
+	s, err := openStore(path, true, reg, logs.logger(), m, nil)
+	if s != nil {
+		reg.journal = s
+	}
+	return reg, s, logs, err
+}
+
+// replayed returns the state the journal at path replays to.
+func replayed(t testing.TB, path string) registryState {
+	t.Helper()
+	reg, s, _, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	return stateOf(reg)
+}
+
+// Journal lines of every kind, as the server writes them, and the state
+// they replay to.
+var (
+	everyKindOfLine = []string{
+		`{"kind":"mailbox","app":"a1","mailbox":"mb1","for_nameplate":true,"updated":100,"sides":[{"side":"s1","added":100,"opened":true}]}`,
+		`{"kind":"nameplate","app":"a1","name":"4","mailbox":"mb1","sides":[{"side":"s1","added":100,"claimed":true}]}`,
+		`{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","phase":"pake","body":"aa","server_rx":101,"id":"m1"}`,
+		`{"kind":"mailbox","app":"a1","mailbox":"mb1","for_nameplate":true,"updated":102,"sides":[{"side":"s1","added":100,"opened":true},{"side":"s2","added":102,"opened":true}]}`,
+		`{"kind":"nameplate","app":"a1","name":"4","mailbox":"mb1","sides":[{"side":"s1","added":100,"claimed":true},{"side":"s2","added":102,"claimed":true}]}`,
+		`{"kind":"message","app":"a1","mailbox":"mb1","side":"s2","phase":"version","body":"bbbb","server_rx":103,"id":{"n":[1,2]}}`,
+		`{"kind":"nameplate","app":"a1","name":"4","mailbox":"mb1","sides":[{"side":"s1","added":100},{"side":"s2","added":102,"claimed":true}]}`,
+		`{"kind":"nameplate","app":"a1","name":"4","mailbox":"","deleted":true}`,
+		`{"kind":"mailbox","app":"a2","mailbox":"gone","updated":50,"sides":[{"side":"x","added":50,"opened":true}]}`,
+		`{"kind":"nameplate","app":"a2","name":"9","mailbox":"gone","sides":[{"side":"x","added":50,"claimed":true}]}`,
+		`{"kind":"message","app":"a2","mailbox":"gone","side":"x","phase":"pake","body":"cc","server_rx":51}`,
+		`{"kind":"mailbox","app":"a2","mailbox":"gone","deleted":true}`,
+		`{"kind":"mailbox","app":"a1","mailbox":"mb3","updated":200,"sides":[{"side":"s1","added":190,"mood":"happy"},{"side":"s3","added":195,"opened":true}]}`,
+		`{"kind":"mailbox","app":"a3","mailbox":"mb4","updated":300,"sides":[{"side":"s","added":300,"opened":true}]}`,
+		`{"kind":"nameplate","app":"a3","name":"12","mailbox":"mb4","sides":[{"side":"s","added":300,"claimed":true}]}`,
+	}
+	everyKindState = registryState{
+		Apps: map[string]appState{
+			"a1": {Nameplates: map[string]nameplateState{}, Mailboxes: map[string]mailboxState{
+				"mb1": {ForNameplate: true, Updated: 103,
+					Sides: []sideRecord{{Side: "s1", Added: 100, Opened: true}, {Side: "s2", Added: 102, Opened: true}},
+					Messages: []record{
+						{Kind: kindMessage, App: "a1", Mailbox: "mb1", Side: "s1", Phase: "pake", Body: "aa", ServerRx: 101, ID: json.RawMessage(`"m1"`)},
+						{Kind: kindMessage, App: "a1", Mailbox: "mb1", Side: "s2", Phase: "version", Body: "bbbb", ServerRx: 103, ID: json.RawMessage(`{"n":[1,2]}`)},
+					},
+					Bytes: len("pake") + len("aa") + len(`"m1"`) + len("version") + len("bbbb") + len(`{"n":[1,2]}`)},
+				"mb3": {Updated: 200, Sides: []sideRecord{{Side: "s1", Added: 190, Mood: "happy"}, {Side: "s3", Added: 195, Opened: true}}},
+			}},
+			"a3": {Nameplates: map[string]nameplateState{"12": {Mailbox: "mb4", Sides: []sideRecord{{Side: "s", Added: 300, Claimed: true}}}},
+				Mailboxes: map[string]mailboxState{"mb4": {Updated: 300, Sides: []sideRecord{{Side: "s", Added: 300, Opened: true}}}}},
+		},
+		Nameplates:  1,
+		Mailboxes:   3,
+		StoredBytes: int64(len("pake") + len("aa") + len(`"m1"`) + len("version") + len("bbbb") + len(`{"n":[1,2]}`)),
+	}
+)
+
+func journalText(lines ...string) string { return strings.Join(lines, "\n") + "\n" }
+
+func writeJournal(t testing.TB, text string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "channel.jsonl")
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestReplayEveryKind replays nameplate, mailbox and message lines, their
+// updates and their deletions (a deleted mailbox takes its nameplates and
+// messages with it), and checks the registry and its counters.
+func TestReplayEveryKind(t *testing.T) {
+	path := writeJournal(t, journalText(everyKindOfLine...))
+	reg, s, logs, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	expectState(t, "replayed registry", everyKindState, stateOf(reg))
+	if got := reg.metrics.nameplates.Value(); got != 1 {
+		t.Errorf("nameplates gauge %d, want 1", got)
+	}
+	if got := reg.metrics.mailboxes.Value(); got != 3 {
+		t.Errorf("mailboxes gauge %d, want 3", got)
+	}
+	if n := logs.count("WARN"); n != 0 {
+		t.Errorf("%d warnings replaying a whole journal", n)
+	}
+}
+
+// TestReplayTornTail checks that bytes after the last newline, which a
+// crash in the middle of a write leaves, are dropped with a warning and
+// cut from the file, and that a file ending on a newline is left alone.
+func TestReplayTornTail(t *testing.T) {
+	whole := journalText(everyKindOfLine...)
+	for _, tc := range []struct{ name, tail string }{
+		{"partial line", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","pha`},
+		{"whole object without its newline", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","phase":"x","body":"dd","server_rx":104}`},
+		{"zero bytes", string(make([]byte, 4096))},
+		{"nothing", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := writeJournal(t, whole+tc.tail)
+			reg, s, logs, err := openTestStore(t, path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			expectState(t, "replayed registry", everyKindState, stateOf(reg))
+			wantWarnings := 0
+			if tc.tail != "" {
+				wantWarnings = 1
+			}
+			if n := logs.count("WARN dropping torn last line"); n != wantWarnings {
+				t.Errorf("%d warnings about a torn line, want %d", n, wantWarnings)
+			}
+			if data, _ := os.ReadFile(path); string(data) != whole {
+				t.Fatalf("file after opening is %d bytes, want the %d whole lines' bytes", len(data), len(whole))
+			}
+
+			// What is appended next follows the last whole line.
+			reg.mu.Lock()
+			reg.journal.mailbox(&mailbox{app: &app{id: "a9"}, id: "new", updated: 400})
+			lsn := reg.journal.lastLSN()
+			reg.mu.Unlock()
+			if err := s.waitDurable(lsn); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.close(); err != nil {
+				t.Fatal(err)
+			}
+			st := replayed(t, path)
+			if _, ok := st.Apps["a9"].Mailboxes["new"]; !ok || st.Mailboxes != 4 {
+				t.Fatalf("line appended after the torn tail was not replayed: %+v", st)
+			}
+		})
+	}
+}
+
+// TestReplayBadLine checks that a line that cannot be replayed, other than
+// a torn last one, stops start-up with an error naming the file and line,
+// and that the file is left exactly as it was.
+func TestReplayBadLine(t *testing.T) {
+	good := everyKindOfLine[:3]
+	for _, tc := range []struct {
+		name  string
+		text  string
+		line  int
+		cause string
+	}{
+		{"not JSON", journalText(good[0], `{"kind":"mailbox",`, good[1]), 2, "unexpected end of JSON input"},
+		{"empty line", journalText(good[0], ``, good[1]), 2, "unexpected end of JSON input"},
+		{"not an object", journalText(good[0], good[1], `[1,2]`, good[2]), 3, "cannot unmarshal"},
+		{"unknown kind", journalText(good[0], `{"kind":"channel","app":"a1","mailbox":"mb1"}`), 2, `unknown kind "channel"`},
+		{"nameplate without its mailbox", journalText(good[1], good[0]), 1, `nameplate "4" points at unknown mailbox "mb1"`},
+		{"message without its mailbox", journalText(good[2], good[0]), 1, `message for unknown mailbox "mb1"`},
+		{"bad last line that ends with a newline", journalText(good[0], good[1], `{"kind":"mess`), 3, "invalid character"},
+		{"zero bytes ending with a newline", journalText(good[0], string(make([]byte, 100))), 2, "invalid character"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := writeJournal(t, tc.text)
+			_, _, _, err := openTestStore(t, path)
+			if err == nil {
+				t.Fatal("opened a journal with a bad line")
+			}
+			if want := fmt.Sprintf("%s:%d: ", path, tc.line); !strings.HasPrefix(err.Error(), want) || !strings.Contains(err.Error(), tc.cause) {
+				t.Fatalf("error %q, want it to start with %q and say %q", err, want, tc.cause)
+			}
+			if data, _ := os.ReadFile(path); string(data) != tc.text {
+				t.Fatalf("the file was changed:\n%q\nwant\n%q", data, tc.text)
+			}
+			if names := dirNames(t, filepath.Dir(path)); !slices.Equal(names, []string{"channel.jsonl"}) {
+				t.Fatalf("directory holds %v, want only the journal", names)
+			}
+			// The lock went with the failed attempt: fixed, the file opens.
+			os.WriteFile(path, []byte(journalText(good...)), 0o600)
+			if _, s, _, err := openTestStore(t, path); err != nil {
+				t.Fatalf("after fixing the file: %v", err)
+			} else {
+				s.close()
+			}
+		})
+	}
+}
+
+func dirNames(t testing.TB, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestReplayEmptyAndMissing checks that an empty journal replays to an
+// empty registry, and that a missing one is created, private, and usable.
+func TestReplayEmptyAndMissing(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		create bool
+	}{{"empty", true}, {"missing", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "channel.jsonl")
+			if tc.create {
+				os.WriteFile(path, nil, 0o600)
+			}
+			reg, s, logs, err := openTestStore(t, path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st := stateOf(reg); len(st.Apps) != 0 || st.Mailboxes != 0 || st.Nameplates != 0 {
+				t.Errorf("registry from an empty journal holds %+v", st)
+			}
+			if n := logs.count("WARN"); n != 0 {
+				t.Errorf("%d warnings", n)
+			}
+			fi, err := os.Stat(path)
+			if err != nil {
+				t.Fatalf("journal not created: %v", err)
+			}
+			if fi.Size() != 0 || fi.Mode().Perm() != 0o600 {
+				t.Errorf("journal is %d bytes, mode %v; want 0 bytes, 0600", fi.Size(), fi.Mode().Perm())
+			}
+			reg.mu.Lock()
+			reg.journal.mailbox(&mailbox{app: &app{id: "a"}, id: "m", updated: 1})
+			reg.mu.Unlock()
+			if err := s.close(); err != nil {
+				t.Fatal(err)
+			}
+			if st := replayed(t, path); st.Mailboxes != 1 {
+				t.Fatalf("the line written at close was not replayed: %+v", st)
+			}
+		})
+	}
+}
+
+// TestJournalLock checks that a second server cannot open a journal in
+// use, also after the first has compacted it (the new file is locked
+// before it takes the name), and can once the first has closed it.
+func TestJournalLock(t *testing.T) {
+	path := writeJournal(t, journalText(everyKindOfLine...))
+	_, first, _, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, _, err = openTestStore(t, path)
+	if err == nil || !strings.Contains(err.Error(), "in use by another server") || !strings.Contains(err.Error(), path) {
+		t.Fatalf("second open: %v, want a refusal naming the file", err)
+	}
+	before, _ := os.Stat(path)
+	if _, err := first.compact(); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.Stat(path); os.SameFile(before, after) {
+		t.Fatal("compaction did not replace the file")
+	}
+	if _, _, _, err = openTestStore(t, path); err == nil || !strings.Contains(err.Error(), "in use by another server") {
+		t.Fatalf("open after compaction: %v, want a refusal", err)
+	}
+	first.close()
+	_, s, _, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatalf("open after the first closed: %v", err)
+	}
+	s.close()
+}
+
+// TestCompactionLeftovers checks that start-up removes the temporary file
+// of a compaction a crash interrupted, and nothing else.
+func TestCompactionLeftovers(t *testing.T) {
+	path := writeJournal(t, journalText(everyKindOfLine...))
+	dir := filepath.Dir(path)
+	for _, name := range []string{"channel.jsonl.compact-123456", "other.jsonl.compact-1", "channel.jsonl.bak"} {
+		os.WriteFile(filepath.Join(dir, name), []byte("{half a journal"), 0o600)
+	}
+	reg, s, logs, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	expectState(t, "replayed registry", everyKindState, stateOf(reg))
+	if names := dirNames(t, dir); !slices.Equal(names, []string{"channel.jsonl", "channel.jsonl.bak", "other.jsonl.compact-1"}) {
+		t.Fatalf("directory holds %v", names)
+	}
+	if n := logs.count("WARN removing the file of an interrupted journal compaction"); n != 1 {
+		t.Fatalf("%d warnings about the leftover, want 1", n)
+	}
+}
+
+// TestJournalClosed checks that waiting for a line appended after the
+// journal closed ends with an error instead of never.
+func TestJournalClosed(t *testing.T) {
+	reg, s, _, err := openTestStore(t, filepath.Join(t.TempDir(), "channel.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.close(); err != nil {
+		t.Fatal(err)
+	}
+	reg.mu.Lock()
+	s.mailbox(&mailbox{app: &app{id: "a"}, id: "m"})
+	lsn := s.lastLSN()
+	reg.mu.Unlock()
+	if err := s.waitDurable(lsn); !errors.Is(err, errJournalClosed) {
+		t.Fatalf("waiting after close: %v, want errJournalClosed", err)
+	}
+}
+
+// fakeClock is a clock tests move by hand.
+type fakeClock struct{ ns atomic.Int64 }
+
+func newFakeClock() *fakeClock {
+	c := &fakeClock{}
+	c.ns.Store(time.Now().UnixNano())
+	return c
+}
+
+func (c *fakeClock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+// startServerWith starts a server like startServer, with its own logger
+// and, if clock is not nil, clock, set before it serves anyone.
+func startServerWith(t testing.TB, cfg config, log *slog.Logger, clock func() time.Time) *testServer {
+	t.Helper()
+	srv, err := newServer(cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if clock != nil {
+		srv.clock = clock
+	}
+	hs := httptest.NewServer(srv.handler())
+	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
+	t.Cleanup(ts.stop)
+	return ts
+}
+
+// TestCompactionEquivalence runs a mix of transfers (finished, waiting,
+// crowded, closed by one side, opened without a nameplate, in several
+// apps), then checks that the registry replayed from the journal, and
+// from the journal compacted, equals the server's.
+func TestCompactionEquivalence(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
+	clock := newFakeClock()
+	ts := startServerWith(t, cfg, testLogger(t), clock.now)
+	tick := func() { clock.advance(1500 * time.Millisecond) }
+	dial := func(app, side string) *testClient {
+		c, _ := ts.dial(t)
+		c.bind(app, side)
+		return c
+	}
+
+	// A finished transfer: everything about it is deleted.
+	a, b := dial("app1", "a"), dial("app1", "b")
+	mb := a.expect(`{"type": "claim", "nameplate": "1"}`, "claimed")[0].str("mailbox")
+	a.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb))
+	tick()
+	a.expect(`{"type": "add", "phase": "pake", "body": "aa01", "id": "x1"}`, "message")
+	tick()
+	b.expect(`{"type": "claim", "nameplate": "1"}`, "claimed")
+	b.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb), "message")
+	b.expect(`{"type": "add", "phase": "pake", "body": "bb01"}`, "message")
+	a.sync()
+	for _, c := range []*testClient{a, b} {
+		c.expect(`{"type": "release"}`, "released")
+		c.expect(fmt.Sprintf(`{"type": "close", "mailbox": %q, "mood": "happy"}`, mb), "closed")
+	}
+
+	// A waiting sender, joined later by a receiver who opens last: the
+	// mailbox's activity time is after its last message.
+	s1 := dial("app1", "s1")
+	mb2 := s1.expect(`{"type": "claim", "nameplate": "2"}`, "claimed")[0].str("mailbox")
+	s1.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb2))
+	tick()
+	s1.expect(`{"type": "add", "phase": "pake", "body": "5151", "id": [1, {"a": "<&>"}]}`, "message")
+	tick()
+	r1 := dial("app1", "r1")
+	r1.expect(`{"type": "claim", "nameplate": "2"}`, "claimed")
+	tick()
+	r1.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb2), "message")
+	s1.expect(`{"type": "release"}`, "released")
+
+	// A third side crowds a nameplate; its claim is still recorded.
+	tick()
+	c3 := dial("app1", "c3")
+	c3.expectError(`{"type": "claim", "nameplate": "2"}`, "crowded")
+
+	// A mailbox one side closed (with a mood) and the other still holds.
+	tick()
+	m1, m2 := dial("app2", "m1"), dial("app2", "m2")
+	m1.expect(`{"type": "open", "mailbox": "direct"}`)
+	m1.expect(`{"type": "add", "phase": "1", "body": "01"}`, "message")
+	tick()
+	m2.expect(`{"type": "open", "mailbox": "direct"}`, "message")
+	m1.expect(`{"type": "close", "mood": "lonely"}`, "closed")
+
+	// A nameplate released by its only side goes; its mailbox stays open.
+	tick()
+	l := dial("app3", "l")
+	name := l.expect(`{"type": "allocate"}`, "allocated")[0].str("nameplate")
+	l.expect(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "claimed")
+	l.expect(`{"type": "release"}`, "released")
+
+	live := stateOf(ts.reg)
+	if len(live.Apps) != 3 || live.Nameplates != 1 || live.Mailboxes != 3 {
+		t.Fatalf("the script left %+v", live)
+	}
+	ts.stop()
+
+	expectState(t, "registry replayed from the journal", live, replayed(t, cfg.channelDB))
+	before, _ := os.ReadFile(cfg.channelDB)
+
+	_, s, _, err := openTestStore(t, cfg.channelDB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.compact(); err != nil {
+		t.Fatal(err)
+	}
+	s.close()
+	after, _ := os.ReadFile(cfg.channelDB)
+	if len(after) >= len(before) || bytes.Contains(after, []byte(`"deleted"`)) {
+		t.Errorf("compacted journal (%d bytes) is not smaller than the original (%d), or records deletions:\n%s", len(after), len(before), after)
+	}
+	expectState(t, "registry replayed from the compacted journal", live, replayed(t, cfg.channelDB))
+}
+
+// wsClient is a WebSocket client whose methods return errors instead of
+// failing the test, for use in goroutines and with servers that are
+// killed under it.
+type wsClient struct {
+	ws  *websocket.Conn
+	raw net.Conn
+}
+
+func dialWS(url string) (*wsClient, error) {
+	cfg, err := websocket.NewConfig(url, "http://localhost/")
+	if err != nil {
+		return nil, err
+	}
+	raw, err := net.DialTimeout("tcp", cfg.Location.Host, testTimeout)
+	if err != nil {
+		return nil, err
+	}
+	raw.SetDeadline(time.Now().Add(testTimeout))
+	ws, err := websocket.NewClient(cfg, raw)
+	if err != nil {
+		raw.Close()
+		return nil, err
+	}
+	c := &wsClient{ws: ws, raw: raw}
+	if _, err := c.waitFor("welcome"); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *wsClient) close() { c.raw.Close() }
+
+func (c *wsClient) send(format string, args ...any) error {
+	c.raw.SetWriteDeadline(time.Now().Add(testTimeout))
+	_, err := c.ws.Write([]byte(fmt.Sprintf(format, args...)))
+	return err
+}
+
+func (c *wsClient) next() (msg, error) {
+	c.raw.SetReadDeadline(time.Now().Add(testTimeout))
+	var data []byte
+	if err := websocket.Message.Receive(c.ws, &data); err != nil {
+		return nil, err
+	}
+	var m msg
+	if err := json.Unmarshal(data, &m); err != nil {
+		return nil, fmt.Errorf("bad JSON %q: %v", data, err)
+	}
+	return m, nil
+}
+
+// waitFor reads until a message of type typ, skipping others; an error
+// message is an error.
+func (c *wsClient) waitFor(typ string) (msg, error) {
+	for {
+		m, err := c.next()
+		if err != nil {
+			return nil, err
+		}
+		if m.typ() == typ {
+			return m, nil
+		}
+		if m.typ() == "error" {
+			return nil, fmt.Errorf("server error %q", m.str("error"))
+		}
+	}
+}
+
+// do sends a message and waits for the answer of type typ.
+func (c *wsClient) do(typ, format string, args ...any) (msg, error) {
+	if err := c.send(format, args...); err != nil {
+		return nil, err
+	}
+	return c.waitFor(typ)
+}
+
+// hexBody is a message body of n hex digits that tells which message it
+// is, so a replayed body can be checked.
+func hexBody(id string, n int) string {
+	seed := fmt.Sprintf("%x", id)
+	return strings.Repeat(seed, n/len(seed)+1)[:n]
+}
+
+// mailboxWorkload runs clients clients at once, each opening rounds
+// mailboxes in turn and adding perMailbox messages of size bytes to each,
+// waiting for every echo; it closes all its mailboxes but the last. It
+// returns the first error.
+func mailboxWorkload(url string, clients, rounds, perMailbox, size int) error {
+	errs := make(chan error, clients)
+	for i := range clients {
+		go func() {
+			errs <- func() error {
+				c, err := dialWS(url)
+				if err != nil {
+					return err
+				}
+				defer func() { c.close() }()
+				side := fmt.Sprintf("side%d", i)
+				if err := c.send(`{"type": "bind", "appid": "load", "side": %q}`, side); err != nil {
+					return err
+				}
+				for r := range rounds {
+					mailbox := fmt.Sprintf("mb-%d-%d", i, r)
+					if err := c.send(`{"type": "open", "mailbox": %q}`, mailbox); err != nil {
+						return err
+					}
+					for n := range perMailbox {
+						id := fmt.Sprintf("%s-%d", mailbox, n)
+						if err := c.send(`{"type": "add", "phase": "%d", "body": %q, "id": %q}`, n, hexBody(id, size), id); err != nil {
+							return err
+						}
+						for {
+							m, err := c.waitFor("message")
+							if err != nil {
+								return err
+							}
+							if m.str("id") == id {
+								break
+							}
+						}
+					}
+					if r < rounds-1 {
+						if _, err := c.do("closed", `{"type": "close", "mood": "happy"}`); err != nil {
+							return err
+						}
+						// A connection opens one mailbox: go on with a new one.
+						c.close()
+						if c, err = dialWS(url); err != nil {
+							return err
+						}
+						if err := c.send(`{"type": "bind", "appid": "load", "side": %q}`, side); err != nil {
+							return err
+						}
+					}
+				}
+				return nil
+			}()
+		}()
+	}
+	var first error
+	for range clients {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// TestCompactionUnderLoad writes well over compactMinBytes, most of it
+// soon dead, from several clients at once, so the writer compacts while
+// lines are being appended; the registry replayed afterwards must equal
+// the server's.
+func TestCompactionUnderLoad(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
+	ts := startServer(t, cfg)
+	if err := mailboxWorkload(ts.url, 4, 2, 7, 24_000); err != nil {
+		t.Fatal(err)
+	}
+	if n := ts.metrics.compactions.Value(); n == 0 {
+		t.Fatalf("%d bytes journaled without a compaction", ts.metrics.journalBytes.Value())
+	}
+	live := stateOf(ts.reg)
+	if live.Mailboxes != 4 {
+		t.Fatalf("%d mailboxes live, want 4", live.Mailboxes)
+	}
+	ts.stop()
+	if fi, _ := os.Stat(cfg.channelDB); fi.Size() >= ts.metrics.journalBytes.Value() {
+		t.Errorf("journal is %d bytes after compaction, of %d written", fi.Size(), ts.metrics.journalBytes.Value())
+	}
+	expectState(t, "registry replayed after compactions", live, replayed(t, cfg.channelDB))
+}
+
+// TestCompactionFailure makes compaction impossible (the journal's
+// directory becomes immutable, so no file can be created in it, though
+// the journal can still be appended to) and checks that the server keeps
+// serving, logs the failure, and loses nothing.
+func TestCompactionFailure(t *testing.T) {
+	dir := t.TempDir()
+	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot make a directory immutable here: %v %s", err, out)
+	}
+	exec.Command("chattr", "-i", dir).Run()
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(dir, "channel.jsonl")
+	logs := newLogRecorder(t)
+	ts := startServerWith(t, cfg, logs.logger(), nil)
+	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
+		t.Fatalf("chattr: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() }) // runs before the directory is removed
+
+	if err := mailboxWorkload(ts.url, 4, 2, 7, 24_000); err != nil {
+		t.Fatalf("serving after failed compactions: %v", err)
+	}
+	if n := logs.count("ERROR journal compaction failed"); n == 0 {
+		t.Fatal("no compaction failure logged")
+	}
+	if n := ts.metrics.compactions.Value(); n != 0 {
+		t.Fatalf("%d compactions in an immutable directory", n)
+	}
+	if err := ts.healthy(); err != nil {
+		t.Fatalf("unhealthy after a failed compaction: %v", err)
+	}
+	live := stateOf(ts.reg)
+	ts.stop()
+	exec.Command("chattr", "-i", dir).Run()
+	expectState(t, "registry replayed after failed compactions", live, replayed(t, cfg.channelDB))
+}
+
+// connectionOf returns the server's connection bound with side.
+func connectionOf(t testing.TB, srv *server, side string) *connection {
+	t.Helper()
+	srv.connsMu.Lock()
+	defer srv.connsMu.Unlock()
+	srv.reg.mu.Lock()
+	defer srv.reg.mu.Unlock()
+	for c := range srv.conns {
+		if c.side == side {
+			return c
+		}
+	}
+	t.Fatalf("no connection bound as %q", side)
+	return nil
+}
+
+// TestJournalWriteFailure makes the disk fail under the journal (its file
+// descriptor is replaced by a read-only one, so every write fails) and
+// checks that nothing depending on an unwritten line reaches a client,
+// not even when a control frame that depends on nothing is queued after
+// it, and that the server is told to stop.
+func TestJournalWriteFailure(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
+	ts := startServer(t, cfg)
+	a, _ := ts.dial(t)
+	a.bind("app", "a")
+	a.expect(`{"type": "open", "mailbox": "m"}`)
+	a.expect(`{"type": "add", "phase": "1", "body": "01", "id": "kept"}`, "message")
+	b, _ := ts.dial(t)
+	b.bind("app", "b")
+
+	ro, err := os.Open(cfg.channelDB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	rc, err := ts.reg.journal.f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { err = syscall.Dup3(int(ro.Fd()), int(fd), 0) })
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	a.send(`{"type": "add", "phase": "2", "body": "02", "id": "lost"}`)
+	if m, err := a.tryNext(); err == nil {
+		t.Fatalf("after the journal failed, the client got %v", m)
+	}
+	select {
+	case err := <-ts.failed:
+		if !strings.Contains(err.Error(), "bad file descriptor") {
+			t.Errorf("failure reported as %v", err)
+		}
+	case <-time.After(testTimeout):
+		t.Fatal("the server was not told the journal failed")
+	}
+	if err := ts.healthy(); err == nil {
+		t.Error("healthy with a failed journal")
+	}
+
+	// A frame depending on the unwritten line, followed by a pong, must
+	// not be sent.
+	c := connectionOf(t, ts.server, "b")
+	c.waitFlushed()
+	undurable := outFrame{opcode: websocket.TextFrame, data: []byte(`{"type": "x"}`), lsn: ts.reg.journal.lastLSN()}
+	if err := c.writeBatch([]outFrame{undurable, {opcode: websocket.PongFrame}}); err == nil {
+		t.Error("a batch ending with a pong was sent before the frame it holds was durable")
+	}
+	// Nothing more is answered: every reply would depend on the journal.
+	b.send(`{"type": "ping", "ping": 1}`)
+	if m, err := b.tryNext(); err == nil {
+		t.Fatalf("after the journal failed, the client got %v", m)
+	}
+
+	ts.stop()
+	data, _ := os.ReadFile(cfg.channelDB)
+	if !bytes.Contains(data, []byte(`"id":"kept"`)) || bytes.Contains(data, []byte(`"id":"lost"`)) {
+		t.Fatalf("journal after the failure:\n%s", data)
+	}
+}
