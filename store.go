@@ -21,7 +21,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
@@ -31,6 +30,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -252,34 +252,111 @@ func removeCompactionLeftovers(path string, log *slog.Logger) error {
 	return os.Remove(probe.Name())
 }
 
+// replayChunkBytes is how much of the journal is decoded as one piece:
+// large enough that handing pieces between goroutines costs little.
+const replayChunkBytes = 256 << 10
+
+// replayChunk is a piece of the journal: whole lines, and what decoding
+// them gave.
+type replayChunk struct {
+	firstLine int    // the number of its first line in the file
+	data      []byte // whole lines, each ending with a newline
+	recs      []record
+	err       error // why line firstLine+len(recs) could not be decoded
+	decoded   chan struct{}
+}
+
+// decode decodes the chunk's lines, up to the first that fails.
+func (c *replayChunk) decode() {
+	defer close(c.decoded)
+	for data := c.data; len(data) > 0; {
+		i := bytes.IndexByte(data, '\n') + 1
+		var rec record
+		if c.err = json.Unmarshal(data[:i], &rec); c.err != nil {
+			return
+		}
+		c.recs = append(c.recs, rec)
+		data = data[i:]
+	}
+}
+
 // replay applies every whole line of the journal to reg and returns the
-// offset after the last whole line.
+// offset after the last whole line; anything after it is a torn write.
+// Decoding the JSON is most of the work, so it is spread over the CPUs:
+// the file is read in chunks of whole lines, decoded at once, and applied
+// in order, so that the first bad line is the one reported.
 func replay(f *os.File, path string, reg *registry) (int64, error) {
-	r := bufio.NewReaderSize(f, 64<<10)
-	var offset int64
+	todo := make(chan *replayChunk)                             // to the decoders
+	inOrder := make(chan *replayChunk, 2*runtime.GOMAXPROCS(0)) // to the applier, below
+	stop := make(chan struct{})
+	var readErr error
+	var wg sync.WaitGroup
+	defer wg.Wait() // nothing reads f once replay returns
+	defer close(stop)
+	wg.Add(1)
+	go func() { // the reader
+		defer wg.Done()
+		defer close(inOrder)
+		defer close(todo)
+		buf, line := make([]byte, 0, replayChunkBytes), 1
+		for {
+			n, err := io.ReadFull(f, buf[len(buf):cap(buf)])
+			buf = buf[:len(buf)+n]
+			if end := bytes.LastIndexByte(buf, '\n') + 1; end > 0 {
+				c := &replayChunk{firstLine: line, data: buf[:end], decoded: make(chan struct{})}
+				line += bytes.Count(c.data, []byte{'\n'})
+				select {
+				case inOrder <- c:
+				case <-stop:
+					return
+				}
+				select {
+				case todo <- c:
+				case <-stop:
+					return
+				}
+				buf = append(make([]byte, 0, max(replayChunkBytes, 2*(len(buf)-end))), buf[end:]...)
+			} else if len(buf) == cap(buf) { // a line longer than a chunk
+				buf = append(make([]byte, 0, 2*cap(buf)), buf...)
+			}
+			if err == io.EOF || err == io.ErrUnexpectedEOF {
+				return // what is left in buf has no newline
+			}
+			if err != nil {
+				readErr = err
+				return
+			}
+		}
+	}()
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() { // a decoder
+			defer wg.Done()
+			for c := range todo {
+				c.decode()
+			}
+		}()
+	}
+
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
-	for lineNo := 1; ; lineNo++ {
-		line, err := r.ReadSlice('\n')
-		for err == bufio.ErrBufferFull { // a line longer than the buffer
-			more, e := r.ReadSlice('\n')
-			line, err = append(bytes.Clone(line), more...), e
+	var offset int64
+	for c := range inOrder {
+		<-c.decoded
+		for i := range c.recs {
+			if err := reg.restoreLocked(&c.recs[i]); err != nil {
+				return 0, fmt.Errorf("%s:%d: %v", path, c.firstLine+i, err)
+			}
 		}
-		if err == io.EOF {
-			return offset, nil // anything after the last newline is a torn write
+		if c.err != nil {
+			return 0, fmt.Errorf("%s:%d: %v", path, c.firstLine+len(c.recs), c.err)
 		}
-		if err != nil {
-			return 0, err
-		}
-		var rec record
-		if err := json.Unmarshal(line, &rec); err != nil {
-			return 0, fmt.Errorf("%s:%d: %v", path, lineNo, err)
-		}
-		if err := reg.restoreLocked(&rec); err != nil {
-			return 0, fmt.Errorf("%s:%d: %v", path, lineNo, err)
-		}
-		offset += int64(len(line))
+		offset += int64(len(c.data))
 	}
+	if readErr != nil {
+		return 0, readErr
+	}
+	return offset, nil
 }
 
 // newLineEncoder returns an encoder of journal lines. It does not escape

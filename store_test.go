@@ -21,6 +21,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -363,6 +364,69 @@ func TestReplayBadLine(t *testing.T) {
 				t.Fatalf("after fixing the file: %v", err)
 			} else {
 				s.close()
+			}
+		})
+	}
+}
+
+// TestReplayLargeJournal replays a journal of many chunks (see
+// replayChunkBytes), one line longer than a chunk among them: every line
+// is applied in order, a bad line is reported with its own number, and a
+// torn tail is dropped.
+func TestReplayLargeJournal(t *testing.T) {
+	const n = 4000
+	lines := []string{`{"kind":"mailbox","app":"a","mailbox":"m","updated":1,"sides":[{"side":"s","added":1,"opened":true}]}`}
+	for i := range n {
+		size := 300
+		if i == n/2 {
+			size = 3 * replayChunkBytes
+		}
+		lines = append(lines, fmt.Sprintf(`{"kind":"message","app":"a","mailbox":"m","side":"s","phase":"%d","body":%q,"server_rx":%d}`, i, hexBody(strconv.Itoa(i), size), i+2))
+	}
+	whole := journalText(lines...)
+	if len(whole) < 8*replayChunkBytes {
+		t.Fatalf("the journal is %d bytes, too few chunks", len(whole))
+	}
+
+	check := func(t *testing.T, reg *registry) {
+		st := stateOf(reg)
+		msgs := st.Apps["a"].Mailboxes["m"].Messages
+		if len(msgs) != n {
+			t.Fatalf("replayed %d messages, want %d", len(msgs), n)
+		}
+		for i, m := range msgs {
+			if m.Phase != strconv.Itoa(i) || m.Body != hexBody(strconv.Itoa(i), len(m.Body)) || (i == n/2) != (len(m.Body) > 300) {
+				t.Fatalf("message %d replayed as phase %q with %d bytes of body", i, m.Phase, len(m.Body))
+			}
+		}
+	}
+	t.Run("whole", func(t *testing.T) {
+		reg, s, _, err := openTestStore(t, writeJournal(t, whole))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.close()
+		check(t, reg)
+	})
+	t.Run("torn tail", func(t *testing.T) {
+		path := writeJournal(t, whole+lines[len(lines)-1][:100])
+		reg, s, logs, err := openTestStore(t, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.close()
+		check(t, reg)
+		if fi, _ := os.Stat(path); fi.Size() != int64(len(whole)) || logs.count("WARN dropping torn last line") != 1 {
+			t.Fatalf("file is %d bytes, want %d, and one warning", fi.Size(), len(whole))
+		}
+	})
+	for _, bad := range []int{2, n/2 + 1, n/2 + 2, n - 10} {
+		t.Run(fmt.Sprintf("bad line %d", bad), func(t *testing.T) {
+			broken := slices.Clone(lines)
+			broken[bad-1] = `{"kind":"message","app":"a","mailbox":"m",`
+			_, _, _, err := openTestStore(t, writeJournal(t, journalText(broken...)))
+			if want := fmt.Sprintf(":%d: ", bad); err == nil || !strings.Contains(err.Error(), want) {
+				t.Fatalf("error %v, want one naming line %d", err, bad)
 			}
 		})
 	}
