@@ -122,8 +122,8 @@ type mailbox struct {
 	forNameplate bool    // created by a claim rather than by a bare open
 	updated      float64 // last activity; pruning deletes mailboxes idle too long
 	sides        []mailboxSide
-	messages     []message
-	bytes        int // bodies of messages, for the per-mailbox limit
+	messages     []message // only ever appended to (the journal's snapshot relies on it)
+	bytes        int       // bodies of messages, for the per-mailbox limit
 	subscribers  []*session
 	deleted      bool // set when removed from its app, so stale pointers are harmless
 }

@@ -628,7 +628,7 @@ func (s *store) message(mb *mailbox, m message) {
 	if s == nil {
 		return
 	}
-	s.append(messageRecord(mb, m))
+	s.append(messageRecord(mb.app.id, mb.id, m))
 }
 
 func (s *store) deleted(kind, appID, key string) {
@@ -660,45 +660,74 @@ func mailboxRecord(mb *mailbox) *record {
 	return rec
 }
 
-func messageRecord(mb *mailbox, m message) *record {
-	return &record{Kind: kindMessage, App: mb.app.id, Mailbox: mb.id,
+func messageRecord(appID, mailboxID string, m message) *record {
+	return &record{Kind: kindMessage, App: appID, Mailbox: mailboxID,
 		Side: m.side, Phase: m.phase, Body: m.body, ServerRx: m.serverRx, ID: m.id}
 }
 
 // snapshot returns the registry's live state as journal lines, with the
 // LSN they cover and the lines it took from the journal (see takePending).
-// For each app come its mailboxes, each followed by its messages, then its
-// nameplates, which name the mailboxes. The copies are taken with the
-// registry locked and encoded after it is unlocked.
+// Every mailbox comes with its messages, then every nameplate, which names
+// a mailbox. Only what the encoding needs is taken with the registry
+// locked (replies are held up meanwhile); the lines are made after it is
+// unlocked.
 func (r *registry) snapshot(s *store) (data []byte, lsn uint64, taken []byte) {
+	live, lsn, taken := r.liveState(s)
+	return live.encode(), lsn, taken
+}
+
+// liveState is the registry's state at a snapshot.
+type liveState struct {
+	mailboxes  []snapshotMailbox
+	nameplates []*record
+}
+
+// snapshotMailbox is a mailbox's line at a snapshot, and its messages then.
+// A mailbox's messages are only ever appended to, so the slice taken stays
+// as it was.
+type snapshotMailbox struct {
+	rec      *record
+	messages []message
+}
+
+// liveState copies the registry's state, and takes the lines not yet
+// written, with the registry locked.
+func (r *registry) liveState(s *store) (live liveState, lsn uint64, taken []byte) {
 	r.mu.Lock()
-	var recs []*record
+	defer r.mu.Unlock()
+	live.mailboxes = make([]snapshotMailbox, 0, r.mailboxN)
+	live.nameplates = make([]*record, 0, r.nameplateN)
 	for _, a := range r.apps {
 		for _, mb := range a.mailboxes {
-			rec := mailboxRecord(mb)
-			recs = append(recs, rec)
-			for _, m := range mb.messages {
-				recs = append(recs, messageRecord(mb, m))
-			}
-			// Replaying a message sets the mailbox's activity time to the
-			// message's; if something later moved it on, say so again.
-			if n := len(mb.messages); n > 0 && mb.messages[n-1].serverRx != mb.updated {
-				recs = append(recs, rec)
-			}
+			live.mailboxes = append(live.mailboxes, snapshotMailbox{mailboxRecord(mb), mb.messages})
 		}
 		for _, np := range a.nameplates {
-			recs = append(recs, nameplateRecord(a, np))
+			live.nameplates = append(live.nameplates, nameplateRecord(a, np))
 		}
 	}
 	taken, lsn = s.takePending()
-	r.mu.Unlock()
+	return live, lsn, taken
+}
 
+// encode writes the state as journal lines.
+func (live liveState) encode() []byte {
 	var buf bytes.Buffer
 	enc := newLineEncoder(&buf)
-	for _, rec := range recs {
+	for _, mb := range live.mailboxes {
+		enc.Encode(mb.rec)
+		for _, m := range mb.messages {
+			enc.Encode(messageRecord(mb.rec.App, mb.rec.Mailbox, m))
+		}
+		// Replaying a message sets the mailbox's activity time to the
+		// message's; if something later moved it on, say so again.
+		if n := len(mb.messages); n > 0 && mb.messages[n-1].serverRx != mb.rec.Updated {
+			enc.Encode(mb.rec)
+		}
+	}
+	for _, rec := range live.nameplates {
 		enc.Encode(rec)
 	}
-	return buf.Bytes(), lsn, taken
+	return buf.Bytes()
 }
 
 // restoreLocked applies one journal line to the registry.

@@ -262,9 +262,10 @@ func BenchmarkReplay(b *testing.B) {
 }
 
 // BenchmarkCompaction rewrites the journal of 100k live messages (25k
-// channels): the snapshot (taken with the registry locked, encoded after)
-// and the whole compaction (snapshot, write, fsync, rename, fsync of the
-// directory). The writer waits meanwhile, and so do replies.
+// channels): what is done with the registry locked (every connection's
+// messages wait), the whole snapshot (encoded after), and the whole
+// compaction (snapshot, write, fsync, rename, fsync of the directory),
+// during which replies wait for the journal.
 func BenchmarkCompaction(b *testing.B) {
 	path := filepath.Join(b.TempDir(), "channel.jsonl")
 	writeReplayJournal(b, path)
@@ -273,6 +274,13 @@ func BenchmarkCompaction(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer s.close()
+	b.Run("locked", func(b *testing.B) {
+		cpuStart := cpuTime()
+		for range b.N {
+			reg.liveState(s)
+		}
+		b.ReportMetric((cpuTime()-cpuStart).Seconds()/float64(b.N), "cpu-s/op")
+	})
 	b.Run("snapshot", func(b *testing.B) {
 		var size int
 		cpuStart := cpuTime()

@@ -75,7 +75,7 @@ func stateOf(reg *registry) registryState {
 		for mid, mb := range a.mailboxes {
 			ms := mailboxState{ForNameplate: mb.forNameplate, Updated: mb.updated, Sides: mailboxRecord(mb).Sides, Bytes: mb.bytes}
 			for _, m := range mb.messages {
-				ms.Messages = append(ms.Messages, *messageRecord(mb, m))
+				ms.Messages = append(ms.Messages, *messageRecord(a.id, mb.id, m))
 			}
 			as.Mailboxes[mid] = ms
 		}
