@@ -87,7 +87,7 @@ func startProc(t testing.TB, argv ...string) *proc {
 		<-p.exited
 		if t.Failed() {
 			p.mu.Lock()
-			t.Logf("%s's log:\n%s", filepath.Base(argv[len(argv)-1]), strings.Join(p.lines, "\n"))
+			t.Logf("log of %s:\n%s", strings.Join(argv, " "), strings.Join(p.lines, "\n"))
 			p.mu.Unlock()
 		}
 	})
@@ -649,7 +649,10 @@ func TestPythonClientAcrossRestart(t *testing.T) {
 	if err := sender.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer sender.Process.Kill()
+	defer func() {
+		sender.Process.Kill() // if the test failed before the sender finished
+		sender.Wait()
+	}()
 
 	// Once the sender's PAKE message is echoed it is in the journal, and
 	// the sender waits for its receiver.
