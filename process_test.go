@@ -121,15 +121,6 @@ func (p *proc) waitLine(parts ...string) string {
 	}
 }
 
-func containsAll(s string, parts []string) bool {
-	for _, part := range parts {
-		if !strings.Contains(s, part) {
-			return false
-		}
-	}
-	return true
-}
-
 var listeningURL = regexp.MustCompile(`url=(ws://\S+/v1)`)
 
 // url waits for the server to listen and returns its WebSocket URL.

@@ -6,11 +6,8 @@
 package main
 
 import (
-	"bufio"
 	"encoding/binary"
-	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -21,22 +18,12 @@ import (
 
 // usageResults reads a usage log and returns the results of its
 // nameplate and mailbox records, by type.
-func usageResults(t testing.TB, path string) map[string][]string {
+func usageResults(t *testing.T, path string) map[string][]string {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
 	results := map[string][]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var rec usageRecord
-		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
-			t.Fatalf("usage log line %q: %v", sc.Text(), err)
-		}
-		if rec.Type == "nameplate" || rec.Type == "mailbox" {
-			results[rec.Type] = append(results[rec.Type], rec.Result)
+	for _, typ := range []string{"nameplate", "mailbox"} {
+		for _, rec := range readUsage(t, path, typ) {
+			results[typ] = append(results[typ], rec["result"].(string))
 		}
 	}
 	return results

@@ -5,13 +5,13 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -110,11 +110,14 @@ func (s *benchSession) do(tb testing.TB, text, typ, key string) string {
 		tb.Fatal(err)
 	}
 	for _, f := range s.out.frames {
+		if bytes.Contains(f, []byte(`"type": "error"`)) {
+			tb.Fatalf("%s: %s", text, f)
+		}
+		if typ == "" {
+			continue
+		}
 		var m msg
 		json.Unmarshal(f, &m)
-		if m.typ() == "error" {
-			tb.Fatalf("%s: %v", text, m)
-		}
 		if m.typ() == typ {
 			return m.str(key)
 		}
@@ -122,11 +125,11 @@ func (s *benchSession) do(tb testing.TB, text, typ, key string) string {
 	return ""
 }
 
-// transfer runs the journal side of one text transfer on nameplate name:
+// sessionTransfer runs the journal side of one text transfer on nameplate name:
 // both sides claim, open, exchange PAKE, versions, an offer and its
 // answer, release and close. If wait is set, the receiver never comes and
 // the sender is left waiting after its PAKE message.
-func transfer(tb testing.TB, srv *server, name int, wait bool) {
+func sessionTransfer(tb testing.TB, srv *server, name int, wait bool) {
 	a := newBenchSession(srv)
 	a.do(tb, fmt.Sprintf(`{"type": "bind", "appid": "bench", "side": "a%d"}`, name), "", "")
 	mb := a.do(tb, fmt.Sprintf(`{"type": "claim", "nameplate": "%d"}`, name), "claimed", "mailbox")
@@ -313,12 +316,12 @@ func BenchmarkJournalSize(b *testing.B) {
 	path := filepath.Join(b.TempDir(), "channel.jsonl")
 	srv := benchServer(b, path, false)
 	for n := range waiting {
-		transfer(b, srv, 1_000_000+n, true)
+		sessionTransfer(b, srv, 1_000_000+n, true)
 	}
 	var largest int64
 	b.ResetTimer()
 	for i := range b.N {
-		transfer(b, srv, i%waiting+1, false)
+		sessionTransfer(b, srv, i%waiting+1, false)
 		if i%sampleEvery == 0 {
 			if fi, err := os.Stat(path); err == nil {
 				largest = max(largest, fi.Size())
@@ -335,129 +338,4 @@ func BenchmarkJournalSize(b *testing.B) {
 	b.ReportMetric(float64(srv.metrics.journalBytes.Value())/1e6, "appended-MB")
 	b.ReportMetric(float64(srv.metrics.compactions.Value()), "compactions")
 	b.ReportMetric(float64(srv.metrics.journalBytes.Value())/float64(b.N+waiting), "bytes/transfer")
-}
-
-// BenchmarkTransfers runs whole text transfers over WebSocket against a
-// server with its journal, fsync on: pairs at once, each transfer two new
-// connections that claim, open, exchange PAKE, versions, an offer and its
-// answer, release and close, every step waiting for what a real client
-// waits for. It reports transfers per second and fsyncs per transfer (the
-// reference server makes about 110).
-func BenchmarkTransfers(b *testing.B) {
-	for _, pairs := range []int{1, 16, 64} {
-		b.Run("pairs="+strconv.Itoa(pairs), func(b *testing.B) {
-			cfg := testConfig()
-			cfg.channelDB = filepath.Join(b.TempDir(), "channel.jsonl")
-			ts := startServerWith(b, cfg, slog.New(slog.DiscardHandler), nil)
-			var next atomic.Int64
-			var wg sync.WaitGroup
-			syncs := ts.metrics.journalSyncs.Value()
-			b.ResetTimer()
-			start := time.Now()
-			for range pairs {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for {
-						n := next.Add(1)
-						if n > int64(b.N) {
-							return
-						}
-						if err := wsTransfer(ts.url, n); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				}()
-			}
-			wg.Wait()
-			elapsed := time.Since(start)
-			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "transfers/s")
-			b.ReportMetric(float64(ts.metrics.journalSyncs.Value()-syncs)/float64(b.N), "fsyncs/transfer")
-		})
-	}
-}
-
-// waitMessage reads until a message from side with phase.
-func (c *wsClient) waitMessage(side, phase string) error {
-	for {
-		m, err := c.waitFor("message")
-		if err != nil {
-			return err
-		}
-		if m.str("side") == side && m.str("phase") == phase {
-			return nil
-		}
-	}
-}
-
-// wsTransfer runs one text transfer between two new connections, on
-// nameplate n.
-func wsTransfer(url string, n int64) error {
-	a, err := dialWS(url)
-	if err != nil {
-		return err
-	}
-	defer a.close()
-	b, err := dialWS(url)
-	if err != nil {
-		return err
-	}
-	defer b.close()
-	steps := []func() error{
-		func() error { return a.send(`{"type": "bind", "appid": "bench", "side": "a"}`) },
-		func() error { return b.send(`{"type": "bind", "appid": "bench", "side": "b"}`) },
-		func() error { return a.send(`{"type": "claim", "nameplate": "%d"}`, n) },
-		func() error { return b.send(`{"type": "claim", "nameplate": "%d"}`, n) },
-	}
-	for _, step := range steps {
-		if err := step(); err != nil {
-			return err
-		}
-	}
-	var mailbox string
-	for _, c := range []*wsClient{a, b} {
-		m, err := c.waitFor("claimed")
-		if err != nil {
-			return err
-		}
-		mailbox = m.str("mailbox")
-	}
-	for _, c := range []*wsClient{a, b} {
-		if err := c.send(`{"type": "open", "mailbox": %q}`, mailbox); err != nil {
-			return err
-		}
-		if err := c.send(`{"type": "add", "phase": "pake", "body": %q}`, pakeBody); err != nil {
-			return err
-		}
-	}
-	for _, x := range []struct {
-		c           *wsClient
-		peer, phase string
-		add         string
-	}{
-		{a, "b", "pake", "version"},
-		{b, "a", "pake", "version"},
-		{a, "b", "version", "0"},
-		{b, "a", "0", "0"},
-	} {
-		if err := x.c.waitMessage(x.peer, x.phase); err != nil {
-			return err
-		}
-		if err := x.c.send(`{"type": "add", "phase": %q, "body": %q}`, x.add, versionBody); err != nil {
-			return err
-		}
-	}
-	if err := a.waitMessage("b", "0"); err != nil {
-		return err
-	}
-	for _, c := range []*wsClient{a, b} {
-		if err := c.send(`{"type": "release"}`); err != nil {
-			return err
-		}
-		if _, err := c.do("closed", `{"type": "close", "mood": "happy"}`); err != nil {
-			return err
-		}
-	}
-	return nil
 }

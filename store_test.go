@@ -135,37 +135,37 @@ func expectState(t testing.TB, what string, want, got registryState) {
 	}
 }
 
-// logRecorder is a logger that writes to the test's log and remembers
+// logCapture is a logger that writes to the test's log and remembers
 // each message with its level, so tests can check what was logged.
-type logRecorder struct {
+type logCapture struct {
 	slog.Handler
 	mu      *sync.Mutex
 	entries *[]string // "LEVEL message"
 }
 
-func newLogRecorder(t testing.TB) *logRecorder {
-	return &logRecorder{Handler: testLogger(t).Handler(), mu: new(sync.Mutex), entries: new([]string)}
+func newLogCapture(t testing.TB) *logCapture {
+	return &logCapture{Handler: testLogger(t).Handler(), mu: new(sync.Mutex), entries: new([]string)}
 }
 
-func (l *logRecorder) Handle(ctx context.Context, r slog.Record) error {
+func (l *logCapture) Handle(ctx context.Context, r slog.Record) error {
 	l.mu.Lock()
 	*l.entries = append(*l.entries, r.Level.String()+" "+r.Message)
 	l.mu.Unlock()
 	return l.Handler.Handle(ctx, r)
 }
 
-func (l *logRecorder) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return &logRecorder{Handler: l.Handler.WithAttrs(attrs), mu: l.mu, entries: l.entries}
+func (l *logCapture) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &logCapture{Handler: l.Handler.WithAttrs(attrs), mu: l.mu, entries: l.entries}
 }
 
-func (l *logRecorder) WithGroup(name string) slog.Handler {
-	return &logRecorder{Handler: l.Handler.WithGroup(name), mu: l.mu, entries: l.entries}
+func (l *logCapture) WithGroup(name string) slog.Handler {
+	return &logCapture{Handler: l.Handler.WithGroup(name), mu: l.mu, entries: l.entries}
 }
 
-func (l *logRecorder) logger() *slog.Logger { return slog.New(l) }
+func (l *logCapture) logger() *slog.Logger { return slog.New(l) }
 
 // count returns how many entries start with prefix ("WARN dropping").
-func (l *logRecorder) count(prefix string) int {
+func (l *logCapture) count(prefix string) int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := 0
@@ -178,11 +178,11 @@ func (l *logRecorder) count(prefix string) int {
 }
 
 // openTestStore replays the journal at path into a new registry.
-func openTestStore(t testing.TB, path string) (*registry, *store, *logRecorder, error) {
+func openTestStore(t testing.TB, path string) (*registry, *store, *logCapture, error) {
 	t.Helper()
 	m := newMetrics()
 	reg := newRegistry(defaultLimits, true, nil, nil, m)
-	logs := newLogRecorder(t)
+	logs := newLogCapture(t)
 	s, err := openStore(path, true, reg, logs.logger(), m, nil)
 	if s != nil {
 		reg.journal = s
@@ -559,7 +559,7 @@ func TestJournalClosed(t *testing.T) {
 	}
 }
 
-// fakeClock is a clock tests move by hand.
+// fakeClock is a clock tests move by hand. It starts at the real time.
 type fakeClock struct{ ns atomic.Int64 }
 
 func newFakeClock() *fakeClock {
@@ -570,6 +570,9 @@ func newFakeClock() *fakeClock {
 
 func (c *fakeClock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
 func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+// set puts the clock at now, in Unix seconds.
+func (c *fakeClock) set(now float64) { c.ns.Store(int64(now * 1e9)) }
 
 // startServerWith starts a server like startServer, with its own logger
 // and, if clock is not nil, clock, set before it serves anyone.
@@ -865,7 +868,7 @@ func TestCompactionFailure(t *testing.T) {
 	exec.Command("chattr", "-i", dir).Run()
 	cfg := testConfig()
 	cfg.channelDB = filepath.Join(dir, "channel.jsonl")
-	logs := newLogRecorder(t)
+	logs := newLogCapture(t)
 	ts := startServerWith(t, cfg, logs.logger(), nil)
 	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
 		t.Fatalf("chattr: %v %s", err, out)

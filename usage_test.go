@@ -15,33 +15,13 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
-	"time"
 )
 
 // t0 is when the fake clock starts, a whole second so that times stay
 // exact through the server's nanosecond clock.
 const t0 = 1_700_000_000.0
-
-// fakeClock is a clock the test moves by hand.
-type fakeClock struct {
-	mu  sync.Mutex
-	now float64 // Unix seconds; halves and wholes only, to stay exact
-}
-
-func (c *fakeClock) time() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return time.Unix(0, int64(c.now*1e9))
-}
-
-func (c *fakeClock) set(now float64) {
-	c.mu.Lock()
-	c.now = now
-	c.mu.Unlock()
-}
 
 // startUsageServer starts a server writing its usage log to a temporary
 // file (unless cfg names one), on a fake clock set to t0. The clock is in
@@ -55,8 +35,9 @@ func startUsageServer(t *testing.T, cfg config) (*testServer, *fakeClock) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clock := &fakeClock{now: t0}
-	srv.clock = clock.time
+	clock := newFakeClock()
+	clock.set(t0)
+	srv.clock = clock.now
 	hs := httptest.NewServer(srv.handler())
 	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
 	t.Cleanup(ts.stop)
