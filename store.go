@@ -28,9 +28,11 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -359,14 +361,106 @@ func replay(f *os.File, path string, reg *registry) (int64, error) {
 	return offset, nil
 }
 
-// newLineEncoder returns an encoder of journal lines. It does not escape
-// HTML characters, so that a message id (raw JSON, kept compact by the
-// registry) is written byte for byte, and a message replayed after a
-// restart is the same as when it was first delivered.
-func newLineEncoder(w io.Writer) *json.Encoder {
-	enc := json.NewEncoder(w)
-	enc.SetEscapeHTML(false)
-	return enc
+// appendLine appends the record as one journal line: JSON with the
+// fields its kind uses, empty ones left out, as encoding/json would write
+// the struct, but without reflection (the journal is written for every
+// change, with the registry locked). Strings are escaped only where JSON
+// requires it, so a message's id (raw JSON, kept compact by the registry)
+// is written byte for byte, and a message replayed after a restart is
+// the same as when it was first delivered.
+func (rec *record) appendLine(b []byte) []byte {
+	b = appendJSONString(append(b, `{"kind":`...), rec.Kind)
+	b = appendJSONString(append(b, `,"app":`...), rec.App)
+	if rec.Name != "" {
+		b = appendJSONString(append(b, `,"name":`...), rec.Name)
+	}
+	b = appendJSONString(append(b, `,"mailbox":`...), rec.Mailbox)
+	if rec.Deleted {
+		b = append(b, `,"deleted":true`...)
+	}
+	if rec.ForNameplate {
+		b = append(b, `,"for_nameplate":true`...)
+	}
+	if rec.Updated != 0 {
+		b = appendJSONFloat(append(b, `,"updated":`...), rec.Updated)
+	}
+	if len(rec.Sides) > 0 {
+		b = append(b, `,"sides":[`...)
+		for i, side := range rec.Sides {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendJSONString(append(b, `{"side":`...), side.Side)
+			b = appendJSONFloat(append(b, `,"added":`...), side.Added)
+			if side.Claimed {
+				b = append(b, `,"claimed":true`...)
+			}
+			if side.Opened {
+				b = append(b, `,"opened":true`...)
+			}
+			if side.Mood != "" {
+				b = appendJSONString(append(b, `,"mood":`...), side.Mood)
+			}
+			b = append(b, '}')
+		}
+		b = append(b, ']')
+	}
+	if rec.Side != "" {
+		b = appendJSONString(append(b, `,"side":`...), rec.Side)
+	}
+	if rec.Phase != "" {
+		b = appendJSONString(append(b, `,"phase":`...), rec.Phase)
+	}
+	if rec.Body != "" {
+		b = appendJSONString(append(b, `,"body":`...), rec.Body)
+	}
+	if rec.ServerRx != 0 {
+		b = appendJSONFloat(append(b, `,"server_rx":`...), rec.ServerRx)
+	}
+	if len(rec.ID) > 0 {
+		b = append(append(b, `,"id":`...), rec.ID...)
+	}
+	return append(b, "}\n"...)
+}
+
+// appendJSONString appends s as a JSON string, escaping only what JSON
+// requires. The strings come from decoded client messages, so they are
+// valid UTF-8.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		var esc string
+		switch {
+		case c == '"':
+			esc = `\"`
+		case c == '\\':
+			esc = `\\`
+		case c == '\n':
+			esc = `\n`
+		case c == '\r':
+			esc = `\r`
+		case c == '\t':
+			esc = `\t`
+		case c < 0x20:
+			esc = string([]byte{'\\', 'u', '0', '0', hex[c>>4], hex[c&15]})
+		default:
+			continue
+		}
+		b = append(append(b, s[start:i]...), esc...)
+		start = i + 1
+	}
+	return append(append(b, s[start:]...), '"')
+}
+
+// appendJSONFloat appends f as encoding/json would (times in seconds).
+func appendJSONFloat(b []byte, f float64) []byte {
+	if abs := math.Abs(f); abs != 0 && (abs < 1e-6 || abs >= 1e21) {
+		return strconv.AppendFloat(b, f, 'e', -1, 64)
+	}
+	return strconv.AppendFloat(b, f, 'f', -1, 64)
 }
 
 // lastLSN is the LSN of the last line appended. Frames queued now depend
@@ -384,12 +478,8 @@ func (s *store) append(rec *record) {
 	if s == nil {
 		return
 	}
-	var line bytes.Buffer
-	if err := newLineEncoder(&line).Encode(rec); err != nil {
-		panic(err) // records hold only strings, numbers and valid raw JSON
-	}
 	s.mu.Lock()
-	s.pending = append(s.pending, line.Bytes()...)
+	s.pending = rec.appendLine(s.pending)
 	s.appended.Add(1)
 	s.mu.Unlock()
 	s.wake.Signal()
@@ -711,23 +801,22 @@ func (r *registry) liveState(s *store) (live liveState, lsn uint64, taken []byte
 
 // encode writes the state as journal lines.
 func (live liveState) encode() []byte {
-	var buf bytes.Buffer
-	enc := newLineEncoder(&buf)
+	var b []byte
 	for _, mb := range live.mailboxes {
-		enc.Encode(mb.rec)
+		b = mb.rec.appendLine(b)
 		for _, m := range mb.messages {
-			enc.Encode(messageRecord(mb.rec.App, mb.rec.Mailbox, m))
+			b = messageRecord(mb.rec.App, mb.rec.Mailbox, m).appendLine(b)
 		}
 		// Replaying a message sets the mailbox's activity time to the
 		// message's; if something later moved it on, say so again.
 		if n := len(mb.messages); n > 0 && mb.messages[n-1].serverRx != mb.rec.Updated {
-			enc.Encode(mb.rec)
+			b = mb.rec.appendLine(b)
 		}
 	}
 	for _, rec := range live.nameplates {
-		enc.Encode(rec)
+		b = rec.appendLine(b)
 	}
-	return buf.Bytes()
+	return b
 }
 
 // restoreLocked applies one journal line to the registry.

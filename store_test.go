@@ -975,3 +975,32 @@ func TestJournalWriteFailure(t *testing.T) {
 		t.Fatalf("journal after the failure:\n%s", data)
 	}
 }
+
+// TestAppendLine checks that the journal's own line encoder writes what
+// encoding/json (without HTML escaping) writes for the same record, so
+// replay, which uses encoding/json, reads back exactly what was written.
+func TestAppendLine(t *testing.T) {
+	for _, rec := range []record{
+		{Kind: kindMailbox, App: "lothar.com/wormhole/text-or-file-xfer", Mailbox: "6veslconbjby2", ForNameplate: true,
+			Updated: 1795715551.1482983, Sides: []sideRecord{{Side: "f3fb99ff3e", Added: 1795715551.1, Opened: true, Mood: "happy"}, {Side: "s2", Added: 2}}},
+		{Kind: kindNameplate, App: "a", Name: "4", Mailbox: "mb", Sides: []sideRecord{{Side: "s", Added: 1e-7, Claimed: true}}},
+		{Kind: kindNameplate, App: "a", Name: "4", Deleted: true},
+		{Kind: kindMailbox, App: "a", Mailbox: "m", Deleted: true},
+		{Kind: kindMessage, App: "a\"b\\c", Mailbox: "m", Side: "s\n\r\t\x01<&>é\u2028😀", Phase: "pake", Body: "aabb", ServerRx: 1e21, ID: json.RawMessage(`{"a":[1,"x"]}`)},
+		{Kind: kindMessage, App: "", Mailbox: "", Side: "", Phase: "", Body: "", ServerRx: 0, ID: json.RawMessage(`null`)},
+	} {
+		var want bytes.Buffer
+		enc := json.NewEncoder(&want)
+		enc.SetEscapeHTML(false)
+		enc.Encode(&rec)
+		got := rec.appendLine(nil)
+		var a, b any
+		if err := json.Unmarshal(got, &a); err != nil {
+			t.Fatalf("appendLine wrote invalid JSON %s: %v", got, err)
+		}
+		json.Unmarshal(want.Bytes(), &b)
+		if !reflect.DeepEqual(a, b) || !bytes.HasSuffix(got, []byte("}\n")) {
+			t.Errorf("appendLine:\n got %s\nwant %s", got, want.Bytes())
+		}
+	}
+}
