@@ -27,39 +27,65 @@ import (
 // make the server hold more than a bounded amount of state; the defaults are
 // far above what real transfers use (a file transfer stores under ten
 // messages of a few KiB) and are set with flags (see main.go).
+//
+// The defaults are sized for the smallest machine the server should run
+// on, a 1 GiB VPS. The costs they bound, measured: a nameplate with its
+// mailbox costs about 350 bytes, and up to 1.7 KiB when each is in an app
+// of its own with the longest names and sides allowed; a stored message
+// costs its size (see message.size) and no more. Compacting the journal
+// briefly holds a second copy of all of it.
 type limits struct {
-	// MaxNameplatesPerApp and MaxMailboxesPerApp bound one app namespace,
-	// so a flood in one app cannot exhaust the space other apps need.
-	MaxNameplatesPerApp int
-	MaxMailboxesPerApp  int
-	// MaxNameplates and MaxMailboxes bound the whole server.
+	// MaxNameplates and MaxMailboxes bound the whole server, and one app
+	// may hold at most 1/appShare of each (see perApp).
 	MaxNameplates int
 	MaxMailboxes  int
 	// MaxMessagesPerMailbox and MaxMailboxBytes bound one mailbox; a
 	// Dilation session stores a few dozen small messages, a file transfer
-	// fewer than ten.
+	// fewer than ten. A full mailbox, replayed, fits in a connection's
+	// outbox (maxOutboxBytes).
 	MaxMessagesPerMailbox int
 	MaxMailboxBytes       int
-	// MaxStoredBytes bounds the bodies of all stored messages together, so
-	// that memory stays bounded however many mailboxes are in use.
+	// MaxStoredBytes bounds all stored messages together, so that memory
+	// stays bounded however many mailboxes are in use; one app may hold
+	// at most 1/appShare of it.
 	MaxStoredBytes int64
 }
 
 // defaultLimits are generous enough that no real client meets them and
-// small enough that a 1 GiB machine survives a flood.
+// small enough that a 1 GiB machine survives a flood: at their worst
+// (every nameplate and mailbox in an app of its own, with the longest
+// names, and every stored byte used) they hold about 45 MiB of channels
+// and 64 MiB of messages, twice that while the journal is compacted.
+// 25,000 channels are 12,500 transfers under way at once, or waiting for
+// their receivers.
 var defaultLimits = limits{
-	MaxNameplatesPerApp:   50_000,
-	MaxMailboxesPerApp:    50_000,
-	MaxNameplates:         100_000,
-	MaxMailboxes:          100_000,
+	MaxNameplates:         25_000,
+	MaxMailboxes:          25_000,
 	MaxMessagesPerMailbox: 1_000,
 	MaxMailboxBytes:       1 << 20,
-	MaxStoredBytes:        256 << 20,
+	MaxStoredBytes:        64 << 20,
 }
 
+// appShare divides every server-wide limit into what one app may use: an
+// app may hold at most half of the server's nameplates, mailboxes and
+// stored messages, so a flood confined to one app namespace leaves the
+// other half to the rest. It is not a flag of its own: an operator sizes
+// the server, and the share follows.
+const appShare = 2
+
+// perApp is one app's share of a server-wide limit.
+func perApp[T int | int64](total T) T { return (total + appShare - 1) / appShare }
+
 // crowdedSides is the number of distinct sides above which a nameplate or
-// mailbox is "crowded": a wormhole connects exactly two parties.
+// mailbox is "crowded": a wormhole connects exactly two parties. The
+// third side is recorded, as the reference does, so that the channel's
+// usage record says "crowded"; further sides are refused without being
+// recorded, so that a crowd cannot grow a channel's state or its journal
+// lines.
 const crowdedSides = 2
+
+// maxSides is the most sides a nameplate or mailbox records.
+const maxSides = crowdedSides + 1
 
 // Allocation tries these many random names in 1000–999999 once every name
 // of up to three digits is taken, as the reference does (§6.1).
@@ -100,6 +126,7 @@ type app struct {
 	id         string
 	nameplates map[string]*nameplate
 	mailboxes  map[string]*mailbox
+	bytes      int64 // sizes of the messages stored in its mailboxes
 }
 
 // nameplate is the short name that points two sides at one mailbox.
@@ -123,7 +150,7 @@ type mailbox struct {
 	updated      float64 // last activity; pruning deletes mailboxes idle too long
 	sides        []mailboxSide
 	messages     []message // only ever appended to (the journal's snapshot relies on it)
-	bytes        int       // bodies of messages, for the per-mailbox limit
+	bytes        int       // sizes of its messages, for the per-mailbox limit
 	subscribers  []*session
 	deleted      bool // set when removed from its app, so stale pointers are harmless
 }
@@ -144,8 +171,16 @@ type message struct {
 	id       json.RawMessage // the add's "id", any JSON value, echoed as received
 }
 
-// size is what a message counts against the mailbox and server limits.
-func (m message) size() int { return len(m.phase) + len(m.body) + len(m.id) }
+// size is what a message counts against the mailbox and server limits:
+// the length of the frame that delivers it to a subscriber. That is also
+// what a replay of it queues for a client, and more than the message costs
+// to keep in memory or to write in the journal, so the limits on stored
+// bytes bound all three. (Its fields alone would not: an empty message
+// still costs about a hundred bytes to keep, and a body of control
+// characters takes six bytes per character to send.)
+func (m message) size() int {
+	return pyStringLen(m.side) + pyStringLen(m.phase) + pyStringLen(m.body) + len(m.id) + messageFrameOverhead
+}
 
 func newRegistry(l limits, allowList bool, journal *store, usage *usageLog, m *metrics) *registry {
 	return &registry{
@@ -179,6 +214,12 @@ func (r *registry) dropIfEmptyLocked(a *app) {
 func (r *registry) nameplateExistsLocked(appID, name string) bool {
 	a := r.apps[appID]
 	return a != nil && a.nameplates[name] != nil
+}
+
+// mailboxExistsLocked reports whether the app has a mailbox of this id.
+func (r *registry) mailboxExistsLocked(appID, id string) bool {
+	a := r.apps[appID]
+	return a != nil && a.mailboxes[id] != nil
 }
 
 // listLocked returns the names of the app's nameplates sorted as strings,
@@ -261,6 +302,9 @@ func (r *registry) claimLocked(appID, name, side string, now float64) (string, e
 		return "", errReclaimed
 	}
 	if i < 0 {
+		if len(np.sides) >= maxSides {
+			return "", errCrowded
+		}
 		np.sides = append(np.sides, nameplateSide{side: side, claimed: true, added: now})
 		r.journal.nameplate(a, np)
 	}
@@ -310,6 +354,9 @@ func (r *registry) openLocked(a *app, id, side string, now float64) (*mailbox, e
 		}
 	}
 	if !slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.side == side }) {
+		if len(mb.sides) >= maxSides {
+			return nil, errCrowded
+		}
 		mb.sides = append(mb.sides, mailboxSide{side: side, opened: true, added: now})
 	}
 	mb.updated = now
@@ -322,7 +369,7 @@ func (r *registry) openLocked(a *app, id, side string, now float64) (*mailbox, e
 
 // createMailboxLocked adds an empty mailbox to the app, if the limits allow.
 func (r *registry) createMailboxLocked(a *app, id string, forNameplate bool, now float64) (*mailbox, error) {
-	if len(a.mailboxes) >= r.limits.MaxMailboxesPerApp || r.mailboxN >= r.limits.MaxMailboxes {
+	if len(a.mailboxes) >= perApp(r.limits.MaxMailboxes) || r.mailboxN >= r.limits.MaxMailboxes {
 		r.metrics.refused("too many mailboxes")
 		return nil, errTooManyMailboxes
 	}
@@ -335,7 +382,7 @@ func (r *registry) createMailboxLocked(a *app, id string, forNameplate bool, now
 }
 
 func (r *registry) roomForNameplateLocked(a *app) error {
-	if len(a.nameplates) >= r.limits.MaxNameplatesPerApp || r.nameplateN >= r.limits.MaxNameplates {
+	if len(a.nameplates) >= perApp(r.limits.MaxNameplates) || r.nameplateN >= r.limits.MaxNameplates {
 		r.metrics.refused("too many nameplates")
 		return errTooManyNameplates
 	}
@@ -345,20 +392,21 @@ func (r *registry) roomForNameplateLocked(a *app) error {
 // addLocked stores a message in mb and hands it to every subscriber,
 // the sender's own connection included, in the same order for all.
 func (r *registry) addLocked(mb *mailbox, m message) error {
+	m.id = compactJSON(m.id)
+	size := m.size()
 	switch {
 	case len(mb.messages) >= r.limits.MaxMessagesPerMailbox:
 		r.metrics.refused("too many messages")
 		return errTooManyMessages
-	case mb.bytes+m.size() > r.limits.MaxMailboxBytes,
-		r.storedBytes+int64(m.size()) > r.limits.MaxStoredBytes:
+	case mb.bytes+size > r.limits.MaxMailboxBytes:
 		r.metrics.refused("mailbox full")
 		return errMailboxFull
+	case mb.app.bytes+int64(size) > perApp(r.limits.MaxStoredBytes),
+		r.storedBytes+int64(size) > r.limits.MaxStoredBytes:
+		r.metrics.refused("stored bytes")
+		return errStoreFull
 	}
-	m.id = compactJSON(m.id)
-	mb.messages = append(mb.messages, m)
-	mb.bytes += m.size()
-	r.storedBytes += int64(m.size())
-	mb.updated = m.serverRx
+	r.storeLocked(mb, m, size)
 	r.journal.message(mb, m)
 	r.metrics.messages.Add(1)
 	r.metrics.delivered.Add(int64(len(mb.subscribers)))
@@ -382,6 +430,15 @@ func compactJSON(v json.RawMessage) json.RawMessage {
 		return v // not JSON: cannot happen, ids come parsed
 	}
 	return b.Bytes()
+}
+
+// storeLocked appends a message of this size to mb.
+func (r *registry) storeLocked(mb *mailbox, m message, size int) {
+	mb.messages = append(mb.messages, m)
+	mb.bytes += size
+	mb.app.bytes += int64(size)
+	r.storedBytes += int64(size)
+	mb.updated = m.serverRx
 }
 
 // subscribeLocked makes s receive every message added to mb from now on,
@@ -466,6 +523,7 @@ func (r *registry) forgetMailboxLocked(mb *mailbox) {
 	r.mailboxN--
 	r.metrics.mailboxes.Add(-1)
 	r.storedBytes -= int64(mb.bytes)
+	a.bytes -= int64(mb.bytes)
 }
 
 func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {

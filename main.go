@@ -264,8 +264,9 @@ server's where it has them.
 	fs.IntVar(&cfg.limits.MaxMailboxBytes, "max-mailbox-bytes", defaultLimits.MaxMailboxBytes, "most message `bytes` one mailbox may hold")
 	fs.IntVar(&cfg.limits.MaxNameplates, "max-nameplates", defaultLimits.MaxNameplates, "most nameplates in all apps together")
 	fs.IntVar(&cfg.limits.MaxMailboxes, "max-mailboxes", defaultLimits.MaxMailboxes, "most mailboxes in all apps together")
+	fs.Int64Var(&cfg.limits.MaxStoredBytes, "max-stored-bytes", defaultLimits.MaxStoredBytes, "most message `bytes` stored in all mailboxes together")
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
-	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, or claim of a new name) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
 	if err := fs.Parse(args); err != nil {

@@ -59,7 +59,9 @@ const (
 	errTooManyMailboxes  = protocolError("too many mailboxes")
 	errTooManyMessages   = protocolError("too many messages in this mailbox")
 	errMailboxFull       = protocolError("mailbox is full")
+	errStoreFull         = protocolError("the server holds too many messages, try again later")
 	errRateLimited       = protocolError("too many new nameplates from your address, try again later")
+	errRateLimitedOpen   = protocolError("too many new mailboxes from your address, try again later")
 )
 
 // Length limits on the strings a client chooses. Real clients use far
@@ -528,8 +530,11 @@ func (s *session) open(msg clientMessage, now float64) error {
 	if err != nil {
 		return err
 	}
-	s.opened, s.mailboxID = true, id
 	reg := s.srv.reg
+	if !reg.mailboxExistsLocked(s.appID, id) && !s.srv.limiter.allowNewNameplate(s.addr.ip) {
+		return errRateLimitedOpen // a new mailbox costs as much as a new nameplate
+	}
+	s.opened, s.mailboxID = true, id
 	a := reg.appLocked(s.appID)
 	mb, err := reg.openLocked(a, id, s.side, now)
 	if err != nil {
@@ -895,6 +900,32 @@ func isPlainString(v []byte) bool {
 	}
 	return true
 }
+
+// pyStringLen is len(appendPyString(nil, s)), without building it.
+func pyStringLen(s string) int {
+	n := 2
+	for _, r := range s {
+		switch {
+		case r == '"' || r == '\\' || r == '\n' || r == '\r' || r == '\t' || r == '\b' || r == '\f':
+			n += 2
+		case r >= 0x20 && r < 0x7f:
+			n++
+		case r > 0xffff:
+			n += 12
+		default:
+			n += 6
+		}
+	}
+	return n
+}
+
+// messageFrameOverhead is what a "message" frame adds to its encoded side,
+// phase, body and id: keys, separators, its type and two time stamps.
+const messageFrameOverhead = len(`{"side": , "phase": , "body": , "server_rx": , "id": , "type": "message", "server_tx": }`) + 2*pyTimeLen
+
+// pyTimeLen is the length of a time stamp as appendPyFloat writes it
+// (1795715551.1482983).
+const pyTimeLen = 18
 
 // appendPyFloat appends f as Python's repr does: the shortest form that
 // reads back the same, always with a fraction or an exponent.

@@ -876,10 +876,7 @@ func (r *registry) restoreLocked(rec *record) error {
 			id = jsonNull
 		}
 		m := message{side: rec.Side, phase: rec.Phase, body: rec.Body, serverRx: rec.ServerRx, id: id}
-		mb.messages = append(mb.messages, m)
-		mb.bytes += m.size()
-		r.storedBytes += int64(m.size())
-		mb.updated = m.serverRx
+		r.storeLocked(mb, m, m.size())
 	default:
 		return fmt.Errorf("unknown kind %q", rec.Kind)
 	}
