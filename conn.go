@@ -54,10 +54,26 @@ const (
 	// message over 32 KiB, so nothing larger could be relayed to it.
 	maxMessageBytes = 32 << 10
 
-	// maxOutboxBytes bounds what may wait to be written to one client:
-	// room for replaying a full mailbox (MaxMailboxBytes) and then some.
-	// A client that falls this far behind is disconnected.
+	// maxOutboxBytes bounds what may wait to be written to one client,
+	// including what is being written: room for replaying a full mailbox
+	// (MaxMailboxBytes) and then some. A client that falls this far
+	// behind is disconnected. (With --max-mailbox-bytes over 1 MiB, the
+	// server allows twice that instead.)
 	maxOutboxBytes = 2 << 20
+
+	// maxOutboxTotalBytes bounds what may wait to be written to all
+	// clients together, beyond outboxReserveBytes each, so that many
+	// clients that stop reading cannot together hold more than this.
+	// Frames to clients that read leave within milliseconds, so only
+	// clients that stopped reading hold any of it; when it is used up, a
+	// client that wants more than its reserve is disconnected.
+	maxOutboxTotalBytes = 32 << 20
+
+	// outboxReserveBytes is what every client may have waiting whatever
+	// the others hold: the frames of a step of a typical transfer (a few
+	// KiB), so that clients that stop reading cannot get a working one
+	// disconnected. Small, because every connection may use it.
+	outboxReserveBytes = 8 << 10
 
 	// writeTimeout is how long one frame may take to write. A client that
 	// reads slower than this is disconnected.
@@ -127,6 +143,7 @@ var (
 	errTooBig       = errors.New("message too large")
 	errBadFrame     = errors.New("protocol violation")
 	errSlowClient   = errors.New("client not reading")
+	errOutboxesFull = errors.New("outboxes full")
 	errShutdown     = errors.New("server shutting down")
 	errOverLimit    = errors.New("over the connection limit")
 	errClientGone   = errors.New("client disconnected") // without a close frame: EOF, reset, broken pipe
@@ -169,7 +186,8 @@ type connection struct {
 	// outMu guards the outbox and the fields after it.
 	outMu     sync.Mutex
 	outbox    []outFrame
-	outBytes  int
+	outBytes  int           // the sizes of the frames in outbox
+	sending   int           // the sizes of the frames the writer is writing
 	flushing  bool          // a writer goroutine is running
 	held      bool          // a message of this client's is being handled: the writer waits (see hold)
 	closing   bool          // a close frame is queued, or the connection failed: queue nothing more
@@ -531,8 +549,8 @@ func (c *connection) queue(f outFrame) {
 	if c.closing {
 		return
 	}
-	if c.outBytes+len(f.data) > c.srv.maxOutboxBytes {
-		c.failLocked(errSlowClient)
+	if err := c.reserveLocked(len(f.data)); err != nil {
+		c.failLocked(err)
 		return
 	}
 	c.outbox = append(c.outbox, f)
@@ -541,6 +559,21 @@ func (c *connection) queue(f outFrame) {
 		c.closing = true
 	}
 	c.startWriterLocked()
+}
+
+// reserveLocked counts n more bytes waiting for this client, against its
+// own limit and, beyond its reserve, the server's.
+func (c *connection) reserveLocked(n int) error {
+	held := c.outBytes + c.sending
+	if held+n > c.srv.maxOutboxBytes {
+		return errSlowClient
+	}
+	total := c.srv.outboxBytes.Add(int64(n))
+	if held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes {
+		c.srv.outboxBytes.Add(-int64(n))
+		return errOutboxesFull
+	}
+	return nil
 }
 
 // hold keeps the writer from taking frames until release. While a client
@@ -586,11 +619,16 @@ func (c *connection) flush() {
 			c.outMu.Unlock()
 			return
 		}
-		c.outbox, c.outBytes = nil, 0
+		c.outbox, c.sending, c.outBytes = nil, c.outBytes, 0
 		c.outMu.Unlock()
-		if err := c.writeBatch(batch); err != nil {
-			c.abort(writeFailure(err))
+		err := c.writeBatch(batch)
+		c.outMu.Lock()
+		c.srv.outboxBytes.Add(-int64(c.sending))
+		c.sending = 0
+		if err != nil {
+			c.failLocked(writeFailure(err))
 		}
+		c.outMu.Unlock()
 	}
 }
 
@@ -701,6 +739,7 @@ func (c *connection) failLocked(reason error) {
 		c.endReason = reason
 	}
 	c.closing = true
+	c.srv.outboxBytes.Add(-int64(c.outBytes))
 	c.outbox, c.outBytes = nil, 0
 	go c.netConn.Close() // Close never blocks, but the caller may hold the registry lock
 }
@@ -803,18 +842,33 @@ func logFrame(frame []byte) slog.Attr {
 	return slog.String("frame", string(short))
 }
 
-// limiter enforces the per-address limits: how many connections one
-// client address may have open, and how many new nameplates it may create
-// per minute. An IPv6 client is counted by its /64, since one host
-// usually has a whole /64 to pick addresses from.
+// limiter enforces the limits on connections and on new nameplates: how
+// many connections may be open at once, from one client address and in
+// all, and how many new nameplates one address may create per minute. An
+// IPv6 client is counted by its /64, since one host usually has a whole
+// /64 to pick addresses from.
 type limiter struct {
-	maxConns  int // 0: no limit
+	maxConns  int // per address; 0: no limit
+	maxTotal  int // from all addresses; 0: no limit
 	perMinute int // 0: no limit
 
-	mu      sync.Mutex
-	conns   map[netip.Addr]int
-	buckets map[netip.Addr]*bucket
+	mu        sync.Mutex
+	total     int
+	conns     map[netip.Addr]int
+	buckets   map[netip.Addr]*bucket
+	lastSweep time.Time
 }
+
+// maxTrackedAddrs bounds how many addresses the nameplate rate limit
+// remembers: each costs about a hundred bytes, and only addresses that
+// created a nameplate within the last minute need remembering. Past it,
+// addresses it does not know get no new nameplates until it has room, so
+// a flood from a vast IPv6 range cannot grow it without bound.
+const maxTrackedAddrs = 100_000
+
+// minSweepInterval spaces the sweeps a full table of addresses starts, so
+// that a flood of new addresses does not turn each into a scan.
+const minSweepInterval = time.Second
 
 // bucket is a token bucket of new nameplates: it holds up to perMinute
 // tokens and refills at perMinute a minute.
@@ -823,8 +877,8 @@ type bucket struct {
 	last   time.Time
 }
 
-func newLimiter(maxConns, perMinute int) *limiter {
-	return &limiter{maxConns: maxConns, perMinute: perMinute,
+func newLimiter(maxConns, maxTotal, perMinute int) *limiter {
+	return &limiter{maxConns: maxConns, maxTotal: maxTotal, perMinute: perMinute,
 		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
 }
 
@@ -837,20 +891,29 @@ func addrKey(ip netip.Addr) netip.Addr {
 	return ip
 }
 
-// connect counts a new connection; false means the address is over its
-// limit (the connection is still counted until disconnect).
-func (l *limiter) connect(ip netip.Addr) bool {
+// connect counts a new connection. It returns why the connection may not
+// stay ("" if it may); a refused connection is still counted until
+// disconnect, so a client that keeps reconnecting stays refused.
+func (l *limiter) connect(ip netip.Addr) string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	k := addrKey(ip)
 	l.conns[k]++
-	return l.maxConns == 0 || l.conns[k] <= l.maxConns
+	l.total++
+	switch {
+	case l.maxConns > 0 && l.conns[k] > l.maxConns:
+		return errTooManyConnsFromAddr
+	case l.maxTotal > 0 && l.total > l.maxTotal:
+		return errTooManyConns
+	}
+	return ""
 }
 
 func (l *limiter) disconnect(ip netip.Addr) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	k := addrKey(ip)
+	l.total--
 	if l.conns[k]--; l.conns[k] <= 0 {
 		delete(l.conns, k)
 	}
@@ -867,6 +930,12 @@ func (l *limiter) allowNewNameplate(ip netip.Addr) bool {
 	k := addrKey(ip)
 	b := l.buckets[k]
 	if b == nil {
+		if len(l.buckets) >= maxTrackedAddrs && now.Sub(l.lastSweep) >= minSweepInterval {
+			l.sweepLocked(now)
+		}
+		if len(l.buckets) >= maxTrackedAddrs {
+			return false
+		}
 		b = &bucket{tokens: float64(l.perMinute), last: now}
 		l.buckets[k] = b
 	}
@@ -887,7 +956,11 @@ func (b *bucket) refill(now time.Time, perMinute int) {
 func (l *limiter) sweep() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	now := time.Now()
+	l.sweepLocked(time.Now())
+}
+
+func (l *limiter) sweepLocked(now time.Time) {
+	l.lastSweep = now
 	for k, b := range l.buckets {
 		if b.refill(now, l.perMinute); b.tokens >= float64(l.perMinute) {
 			delete(l.buckets, k)

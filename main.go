@@ -62,11 +62,24 @@ const (
 	shutdownTimeout   = 10 * time.Second
 )
 
-// Default per-address limits (see limiter in conn.go): far more than
-// the people behind one address use at once, far less than a flood.
+// Default connection limits (see limiter in conn.go). Per address: far
+// more than the people behind one address use at once, far less than a
+// flood. In all: 5,000 transfers under way at once, and at about 10 KiB
+// each (a goroutine, buffers, a kernel socket) a tenth of a 1 GiB machine.
 const (
 	defaultMaxConnsPerAddr     = 256
+	defaultMaxConns            = 10_000
 	defaultNameplatesPerMinute = 60
+)
+
+// TCP keepalive on every accepted connection, so that the kernel notices a
+// peer that vanished without a word (power lost, NAT mapping dropped)
+// while nothing is being sent, between the server's pings. These are the
+// values Go itself would use, stated so that they are seen.
+const (
+	tcpKeepAliveIdle     = 15 * time.Second
+	tcpKeepAliveInterval = 15 * time.Second
+	tcpKeepAliveCount    = 9
 )
 
 func main() {
@@ -98,6 +111,7 @@ type config struct {
 	limits           limits
 	maxMessageBytes  int
 	maxConnsPerAddr  int
+	maxConns         int
 	nameplatesPerMin int
 	pruneInterval    time.Duration // pruneInterval unless a test sets another
 	channelExpiry    time.Duration // channelExpiry unless a test sets another
@@ -138,7 +152,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listen(addr)
 	if err != nil {
 		return err
 	}
@@ -225,6 +239,15 @@ func tlsConfig(cert *certificate) *tls.Config {
 	}
 }
 
+// listen opens the server's TCP listener, with keepalive on every
+// connection it accepts. WebSocket connections are taken over from
+// net/http (hijacked) but stay the same sockets, so they keep it.
+func listen(addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAliveConfig: net.KeepAliveConfig{
+		Enable: true, Idle: tcpKeepAliveIdle, Interval: tcpKeepAliveInterval, Count: tcpKeepAliveCount}}
+	return lc.Listen(context.Background(), "tcp", addr)
+}
+
 func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry}
 	fs := flag.NewFlagSet("wormhole-mailbox", flag.ContinueOnError)
@@ -266,6 +289,7 @@ server's where it has them.
 	fs.IntVar(&cfg.limits.MaxMailboxes, "max-mailboxes", defaultLimits.MaxMailboxes, "most mailboxes in all apps together")
 	fs.Int64Var(&cfg.limits.MaxStoredBytes, "max-stored-bytes", defaultLimits.MaxStoredBytes, "most message `bytes` stored in all mailboxes together")
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
@@ -292,6 +316,25 @@ server's where it has them.
 	}
 	if cfg.logFormat != "text" && cfg.logFormat != "json" {
 		return cfg, fmt.Errorf("--log-format must be text or json, not %q", cfg.logFormat)
+	}
+	for _, f := range []struct {
+		name  string
+		value int64
+		min   int64
+	}{
+		{"max-message-size", int64(cfg.maxMessageBytes), 1},
+		{"max-mailbox-messages", int64(cfg.limits.MaxMessagesPerMailbox), 1},
+		{"max-mailbox-bytes", int64(cfg.limits.MaxMailboxBytes), 1},
+		{"max-nameplates", int64(cfg.limits.MaxNameplates), 1},
+		{"max-mailboxes", int64(cfg.limits.MaxMailboxes), 1},
+		{"max-stored-bytes", cfg.limits.MaxStoredBytes, 1},
+		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
+		{"max-connections", int64(cfg.maxConns), 0},
+		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
+	} {
+		if f.value < f.min {
+			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
+		}
 	}
 	cfg.allowList = !*disallowList
 	return cfg, nil
@@ -454,6 +497,11 @@ type server struct {
 	maxOutboxBytes  int
 	clock           func() time.Time
 
+	// outboxBytes is what waits to be written to all clients together,
+	// bounded by maxOutboxTotalBytes (see connection.reserveLocked).
+	outboxBytes         atomic.Int64
+	maxOutboxTotalBytes int64
+
 	connsMu      sync.Mutex
 	conns        map[*connection]struct{} // connections past the handshake
 	shuttingDown bool                     // closeConnections has begun
@@ -466,21 +514,22 @@ type server struct {
 func newServer(cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
-		metrics:         m,
-		limiter:         newLimiter(cfg.maxConnsPerAddr, cfg.nameplatesPerMin),
-		log:             log,
-		failed:          make(chan error, 1),
-		welcome:         cfg.welcome,
-		serverHeader:    "Magic Wormhole Mailbox (Go) " + version,
-		trustHeader:     cfg.trustProxyHeader,
-		logMessages:     cfg.logMessages,
-		blurLogs:        cfg.blurUsage >= 0,
-		pingInterval:    pingInterval,
-		idleTimeout:     idleTimeout,
-		maxMessageBytes: cfg.maxMessageBytes,
-		maxOutboxBytes:  maxOutboxBytes,
-		clock:           time.Now,
-		conns:           make(map[*connection]struct{}),
+		metrics:             m,
+		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.maxConns, cfg.nameplatesPerMin),
+		log:                 log,
+		failed:              make(chan error, 1),
+		welcome:             cfg.welcome,
+		serverHeader:        "Magic Wormhole Mailbox (Go) " + version,
+		trustHeader:         cfg.trustProxyHeader,
+		logMessages:         cfg.logMessages,
+		blurLogs:            cfg.blurUsage >= 0,
+		pingInterval:        pingInterval,
+		idleTimeout:         idleTimeout,
+		maxMessageBytes:     cfg.maxMessageBytes,
+		maxOutboxBytes:      max(maxOutboxBytes, 2*cfg.limits.MaxMailboxBytes), // a full mailbox's replay fits
+		maxOutboxTotalBytes: maxOutboxTotalBytes,
+		clock:               time.Now,
+		conns:               make(map[*connection]struct{}),
 	}
 	srv.rebooted = srv.now()
 	var usage *usageLog
@@ -552,16 +601,20 @@ func (srv *server) handler() http.Handler {
 	})
 }
 
-// admit counts a new connection against its address's limit. It returns
-// an error text if the address already has as many connections as it may.
+// admit counts a new connection against the connection limits. It returns
+// an error text if the client's address, or the server, already has as
+// many connections as it may.
 func (srv *server) admit(c *connection) string {
 	srv.metrics.connections.Add(1)
 	srv.metrics.connectionsTotal.Add(1)
-	if !srv.limiter.connect(c.addr.ip) {
+	why := srv.limiter.connect(c.addr.ip)
+	switch why {
+	case errTooManyConnsFromAddr:
 		srv.metrics.refused("connections per address")
-		return "too many connections from your address"
+	case errTooManyConns:
+		srv.metrics.refused("connections")
 	}
-	return ""
+	return why
 }
 
 // release undoes admit.

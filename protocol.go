@@ -64,6 +64,13 @@ const (
 	errRateLimitedOpen   = protocolError("too many new mailboxes from your address, try again later")
 )
 
+// Errors a client finds in its welcome message when it may not stay; the
+// connection is then closed with status 1008 (policy violation).
+const (
+	errTooManyConnsFromAddr = "too many connections from your address"
+	errTooManyConns         = "the server has too many connections, try again later"
+)
+
 // Length limits on the strings a client chooses. Real clients use far
 // shorter ones (an appid of about 40 characters, sides of 10 hex digits,
 // phases like "pake" or "dilate-3"); the limits keep one message from
