@@ -821,6 +821,9 @@ func (live liveState) encode() []byte {
 
 // restoreLocked applies one journal line to the registry.
 func (r *registry) restoreLocked(rec *record) error {
+	if side, ok := repeatedSide(rec.Sides); ok {
+		return fmt.Errorf("side %q listed twice", side) // the server never writes one: the line is corrupt
+	}
 	a := r.appLocked(rec.App)
 	defer r.dropIfEmptyLocked(a)
 	switch rec.Kind {
@@ -881,4 +884,16 @@ func (r *registry) restoreLocked(rec *record) error {
 		return fmt.Errorf("unknown kind %q", rec.Kind)
 	}
 	return nil
+}
+
+// repeatedSide returns a side that sides lists more than once, if any.
+func repeatedSide(sides []sideRecord) (string, bool) {
+	seen := make(map[string]bool, len(sides))
+	for _, s := range sides {
+		if seen[s.Side] {
+			return s.Side, true
+		}
+		seen[s.Side] = true
+	}
+	return "", false
 }
