@@ -63,6 +63,9 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 			}
 			size := 0
 			for _, m := range mb.messages {
+				if m.serverRx > mb.updated {
+					return fmt.Errorf("app %q: mailbox %q last active at %v, before its message of %v", id, mid, mb.updated, m.serverRx)
+				}
 				size += m.size()
 				if n := len(messageFrame(m)); n > m.size() {
 					return fmt.Errorf("app %q: mailbox %q: a message counts %d bytes, its frame has %d", id, mid, m.size(), n)

@@ -432,13 +432,15 @@ func compactJSON(v json.RawMessage) json.RawMessage {
 	return b.Bytes()
 }
 
-// storeLocked appends a message of this size to mb.
+// storeLocked appends a message of this size to mb. The mailbox was
+// active at least as late as the message arrived; it may have been active
+// later, if the message is being restored from a journal.
 func (r *registry) storeLocked(mb *mailbox, m message, size int) {
 	mb.messages = append(mb.messages, m)
 	mb.bytes += size
 	mb.app.bytes += int64(size)
 	r.storedBytes += int64(size)
-	mb.updated = m.serverRx
+	mb.updated = max(mb.updated, m.serverRx)
 }
 
 // subscribeLocked makes s receive every message added to mb from now on,

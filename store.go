@@ -842,6 +842,9 @@ func (r *registry) restoreLocked(rec *record) error {
 			r.metrics.mailboxes.Add(1)
 		}
 		mb.forNameplate, mb.updated = rec.ForNameplate, rec.Updated
+		for _, m := range mb.messages { // active at least as late as its last message
+			mb.updated = max(mb.updated, m.serverRx)
+		}
 		mb.sides = mb.sides[:0]
 		for _, side := range rec.Sides {
 			mb.sides = append(mb.sides, mailboxSide{side: side.Side, opened: side.Opened, added: side.Added, mood: side.Mood})
