@@ -431,13 +431,21 @@ func FuzzReplay(f *testing.F) {
 			t.Fatalf("snapshot changed the state:\n%s\nbecame\n%s", a, b)
 		}
 
-		// The restored channels serve the protocol: a new side joins each.
+		// The restored channels serve the protocol: a new side joins each,
+		// at a time after every time in the journal, as the server's clock
+		// would be.
 		reg.mu.Lock()
 		defer reg.mu.Unlock()
+		now := 2e9
+		for _, a := range reg.apps {
+			for _, mb := range a.mailboxes {
+				now = max(now, mb.updated+1)
+			}
+		}
 		for _, a := range reg.apps {
 			for name := range a.nameplates {
-				reg.claimLocked(a.id, name, "newcomer", 2e9)
-				reg.releaseLocked(a.id, name, "newcomer", 2e9)
+				reg.claimLocked(a.id, name, "newcomer", now)
+				reg.releaseLocked(a.id, name, "newcomer", now)
 			}
 		}
 		for _, a := range reg.apps {
@@ -445,16 +453,16 @@ func FuzzReplay(f *testing.F) {
 				if mb.deleted {
 					continue
 				}
-				if _, err := reg.openLocked(a, id, "newcomer", 2e9); err == nil {
-					reg.addLocked(mb, message{side: "newcomer", phase: "p", body: "b", serverRx: 2e9, id: jsonNull})
+				if _, err := reg.openLocked(a, id, "newcomer", now); err == nil {
+					reg.addLocked(mb, message{side: "newcomer", phase: "p", body: "b", serverRx: now, id: jsonNull})
 				}
-				reg.closeLocked(a, id, "newcomer", "happy", 2e9)
+				reg.closeLocked(a, id, "newcomer", "happy", now)
 			}
 		}
 		if err := checkRegistry(reg, nil, false); err != nil {
 			t.Fatalf("after serving: %v", err)
 		}
-		reg.pruneLocked(3e9, math.Inf(1))
+		reg.pruneLocked(now, math.Inf(1))
 		if err := checkRegistry(reg, nil, false); err != nil {
 			t.Fatalf("after pruning: %v", err)
 		}
