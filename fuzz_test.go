@@ -422,7 +422,7 @@ func FuzzReplay(f *testing.F) {
 			t.Fatalf("after replay: %v", err)
 		}
 		reg.mu.Unlock()
-		snap, _ := reg.snapshot(&store{})
+		snap, _, _ := reg.snapshot(&store{})
 		reg2, _, err := replayBytes(t, dir, snap)
 		if err != nil {
 			t.Fatalf("replaying the snapshot: %v\n%s", err, snap)

@@ -14,7 +14,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/netip"
 	"regexp"
 	"runtime"
@@ -27,21 +26,6 @@ import (
 
 	"golang.org/x/net/websocket"
 )
-
-// startServerWith starts a server like startServer, after adjust has set
-// the fields tests may change (before any connection exists).
-func startServerWith(t testing.TB, cfg config, adjust func(*server)) *testServer {
-	t.Helper()
-	srv, err := newServer(cfg, testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	adjust(srv)
-	hs := httptest.NewServer(srv.handler())
-	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
-	t.Cleanup(ts.stop)
-	return ts
-}
 
 // dialOptions say how dialFrom connects.
 type dialOptions struct {
@@ -553,7 +537,7 @@ func TestLimiter(t *testing.T) {
 // TestSilentClient checks keepalive: the server pings an idle client, and
 // drops one that sends nothing, not even a pong, for the idle timeout.
 func TestSilentClient(t *testing.T) {
-	ts := startServerWith(t, testConfig(), func(srv *server) {
+	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) {
 		srv.pingInterval, srv.idleTimeout = 10*time.Millisecond, 200*time.Millisecond
 	})
 	c := dialRaw(t, ts.url, nil)
@@ -585,7 +569,7 @@ func TestSilentClient(t *testing.T) {
 func TestSlowReader(t *testing.T) {
 	cfg := testConfig()
 	cfg.limits.MaxMailboxBytes, cfg.limits.MaxStoredBytes, cfg.limits.MaxMessagesPerMailbox = 256<<20, 256<<20, 100_000
-	ts := startServerWith(t, cfg, func(srv *server) { srv.maxOutboxBytes = 64 << 10 })
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.maxOutboxBytes = 64 << 10 })
 	w, _ := ts.dial(t)
 	w.bind("app", "w")
 	w.expect(`{"type": "open", "mailbox": "mb"}`)
@@ -631,7 +615,7 @@ func TestSlowReader(t *testing.T) {
 func TestOutboxBudget(t *testing.T) {
 	cfg := testConfig()
 	cfg.limits.MaxMailboxBytes, cfg.limits.MaxStoredBytes, cfg.limits.MaxMessagesPerMailbox = 256<<20, 256<<20, 100_000
-	ts := startServerWith(t, cfg, func(srv *server) {
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) {
 		srv.maxOutboxBytes, srv.maxOutboxTotalBytes = 64<<20, 128<<10
 	})
 	w, _ := ts.dial(t)
@@ -685,22 +669,6 @@ func openPair(t testing.TB, ts *testServer, app string) (*testClient, *testClien
 		pair[i].expect(`{"type": "open", "mailbox": "pair"}`)
 	}
 	return pair[0], pair[1]
-}
-
-// exchange sends n messages each way between p and q and checks both see
-// all of them.
-func exchange(t testing.TB, p, q *testClient, n int) {
-	t.Helper()
-	for i := range n {
-		p.expect(fmt.Sprintf(`{"type": "add", "phase": "%d", "body": "aa"}`, i), "message")
-		if got := q.sync(); len(got) != 1 || got[0].str("side") != "side-0" {
-			t.Fatalf("q got %v, want p's message", got)
-		}
-		q.expect(fmt.Sprintf(`{"type": "add", "phase": "%d", "body": "bb"}`, i), "message")
-		if got := p.sync(); len(got) != 1 || got[0].str("side") != "side-1" {
-			t.Fatalf("p got %v, want q's message", got)
-		}
-	}
 }
 
 // tryReadFrame reads one raw frame from the server, as readFrame does,
@@ -771,7 +739,7 @@ func TestFlood(t *testing.T) {
 	cfg := testConfig()
 	cfg.maxConnsPerAddr, cfg.maxConns, cfg.nameplatesPerMin = 6, 500, 5
 	cfg.limits = limits{MaxNameplates: 24, MaxMailboxes: 24, MaxMessagesPerMailbox: 20, MaxMailboxBytes: 256 << 10, MaxStoredBytes: 1 << 20}
-	ts := startServerWith(t, cfg, func(srv *server) { srv.maxOutboxBytes = 1 << 20 })
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.maxOutboxBytes = 1 << 20 })
 	baseline := heapInUse()
 
 	var (

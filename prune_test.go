@@ -57,7 +57,7 @@ func TestPruneIdleChannels(t *testing.T) {
 	cfg.channelDB, cfg.usageDB = filepath.Join(dir, "channel.jsonl"), filepath.Join(dir, "usage.jsonl")
 	cfg.pruneInterval = 24 * time.Hour // no sweep but the ones called here
 	clock := newFakeClock()
-	ts := startServerWith(t, cfg, testLogger(t), clock.now)
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.clock = clock.now })
 	sweep := func() {
 		clock.advance(cfg.channelExpiry + time.Second)
 		ts.prune(cfg.channelExpiry)

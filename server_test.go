@@ -46,9 +46,20 @@ func testConfig() config {
 // startServer starts a server with cfg, stopped when the test ends.
 func startServer(t testing.TB, cfg config) *testServer {
 	t.Helper()
-	srv, err := newServer(cfg, testLogger(t))
+	return startServerWith(t, cfg, testLogger(t), nil)
+}
+
+// startServerWith starts a server as startServer does, logging to log;
+// adjust, if not nil, changes the server (its clock, say, or a limit)
+// before it serves anyone.
+func startServerWith(t testing.TB, cfg config, log *slog.Logger, adjust func(*server)) *testServer {
+	t.Helper()
+	srv, err := newServer(cfg, log)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if adjust != nil {
+		adjust(srv)
 	}
 	hs := httptest.NewServer(srv.handler())
 	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
@@ -219,6 +230,22 @@ func (c *testClient) expectError(text, errText string) {
 func (c *testClient) bind(app, side string) {
 	c.t.Helper()
 	c.expect(fmt.Sprintf(`{"type": "bind", "appid": %q, "side": %q}`, app, side))
+}
+
+// exchange sends n messages each way between two clients subscribed to
+// the same mailbox, and checks that each receives the other's.
+func exchange(t testing.TB, p, q *testClient, n int) {
+	t.Helper()
+	for i := range n {
+		p.expect(fmt.Sprintf(`{"type": "add", "phase": "%d", "body": "aa"}`, i), "message")
+		if got := q.sync(); len(got) != 1 || got[0].str("body") != "aa" {
+			t.Fatalf("q got %v, want p's message", got)
+		}
+		q.expect(fmt.Sprintf(`{"type": "add", "phase": "%d", "body": "bb"}`, i), "message")
+		if got := p.sync(); len(got) != 1 || got[0].str("body") != "bb" {
+			t.Fatalf("p got %v, want q's message", got)
+		}
+	}
 }
 
 // writeFrame writes a hand-made frame, masked as a client must.

@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -221,6 +220,11 @@ var (
 		`{"kind":"mailbox","app":"a3","mailbox":"mb4","updated":300,"sides":[{"side":"s","added":300,"opened":true}]}`,
 		`{"kind":"nameplate","app":"a3","name":"12","mailbox":"mb4","sides":[{"side":"s","added":300,"claimed":true}]}`,
 	}
+	// everyKindBytes is what the two messages of everyKindLines count
+	// against the limits (see message.size).
+	everyKindBytes = message{side: "s1", phase: "pake", body: "aa", id: json.RawMessage(`"m1"`)}.size() +
+		message{side: "s2", phase: "version", body: "bbbb", id: json.RawMessage(`{"n":[1,2]}`)}.size()
+
 	everyKindState = registryState{
 		Apps: map[string]appState{
 			"a1": {Nameplates: map[string]nameplateState{}, Mailboxes: map[string]mailboxState{
@@ -230,7 +234,7 @@ var (
 						{Kind: kindMessage, App: "a1", Mailbox: "mb1", Side: "s1", Phase: "pake", Body: "aa", ServerRx: 101, ID: json.RawMessage(`"m1"`)},
 						{Kind: kindMessage, App: "a1", Mailbox: "mb1", Side: "s2", Phase: "version", Body: "bbbb", ServerRx: 103, ID: json.RawMessage(`{"n":[1,2]}`)},
 					},
-					Bytes: len("pake") + len("aa") + len(`"m1"`) + len("version") + len("bbbb") + len(`{"n":[1,2]}`)},
+					Bytes: everyKindBytes},
 				"mb3": {Updated: 200, Sides: []sideRecord{{Side: "s1", Added: 190, Mood: "happy"}, {Side: "s3", Added: 195, Opened: true}}},
 			}},
 			"a3": {Nameplates: map[string]nameplateState{"12": {Mailbox: "mb4", Sides: []sideRecord{{Side: "s", Added: 300, Claimed: true}}}},
@@ -238,7 +242,7 @@ var (
 		},
 		Nameplates:  1,
 		Mailboxes:   3,
-		StoredBytes: int64(len("pake") + len("aa") + len(`"m1"`) + len("version") + len("bbbb") + len(`{"n":[1,2]}`)),
+		StoredBytes: int64(everyKindBytes),
 	}
 )
 
@@ -574,23 +578,6 @@ func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 // set puts the clock at now, in Unix seconds.
 func (c *fakeClock) set(now float64) { c.ns.Store(int64(now * 1e9)) }
 
-// startServerWith starts a server like startServer, with its own logger
-// and, if clock is not nil, clock, set before it serves anyone.
-func startServerWith(t testing.TB, cfg config, log *slog.Logger, clock func() time.Time) *testServer {
-	t.Helper()
-	srv, err := newServer(cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if clock != nil {
-		srv.clock = clock
-	}
-	hs := httptest.NewServer(srv.handler())
-	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
-	t.Cleanup(ts.stop)
-	return ts
-}
-
 // TestCompactionEquivalence runs a mix of transfers (finished, waiting,
 // crowded, closed by one side, opened without a nameplate, in several
 // apps), then checks that the registry replayed from the journal, and
@@ -599,7 +586,7 @@ func TestCompactionEquivalence(t *testing.T) {
 	cfg := testConfig()
 	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
 	clock := newFakeClock()
-	ts := startServerWith(t, cfg, testLogger(t), clock.now)
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.clock = clock.now })
 	tick := func() { clock.advance(1500 * time.Millisecond) }
 	dial := func(app, side string) *testClient {
 		c, _ := ts.dial(t)
