@@ -49,10 +49,13 @@ import (
 // Connection limits and timeouts. Tests may set shorter ones on the
 // server (see server's fields).
 const (
-	// maxMessageBytes is the largest client message, reassembled. Real
-	// messages are under a few KiB, and wormhole-william cannot receive a
-	// message over 32 KiB, so nothing larger could be relayed to it.
-	maxMessageBytes = 32 << 10
+	// maxMessageBytes is the largest client message, reassembled. Key
+	// exchange and file offers are under a few KiB, but a text sent with
+	// "wormhole send --text" travels in one message, hex-encoded, so a
+	// 20 kB text makes a 40 kB message; this allows texts of about 250 kB.
+	// (wormhole-william cannot receive a message over 32 KiB, whatever the
+	// server allows; the Python client can.)
+	maxMessageBytes = 512 << 10
 
 	// maxOutboxBytes bounds what may wait to be written to one client,
 	// including what is being written: room for replaying a full mailbox
@@ -391,6 +394,9 @@ func (c *connection) finish(err error) {
 	case errors.Is(err, errClientClosed):
 		c.end(closeNormal, err)
 	case errors.Is(err, errTooBig):
+		// Say why before closing: a client that only saw the close would
+		// reconnect and send the same message again.
+		c.enqueue(errorFrame(err.Error(), jsonNull), 0)
 		c.end(closeTooBig, err)
 	case errors.Is(err, errBadInput):
 		c.end(closeBadData, err)

@@ -220,7 +220,8 @@ func TestMessageSize(t *testing.T) {
 }
 
 // TestMessageSizeFlag checks --max-message-size: a message of that size is
-// read, a larger one closes the connection with 1009 (too big).
+// read; a larger one gets an error saying so, and the connection is closed
+// with 1009 (too big).
 func TestMessageSizeFlag(t *testing.T) {
 	cfg := testConfig()
 	cfg.maxMessageBytes = 200
@@ -234,7 +235,13 @@ func TestMessageSizeFlag(t *testing.T) {
 		t.Fatalf("a message of the largest size: got %v, want ack and pong", got)
 	}
 	c.writeFrame(true, websocket.TextFrame, ping(201))
-	c.expectClose(closeTooBig)
+	br := bufio.NewReader(c.raw)
+	if op, payload := readFrame(t, br); op != websocket.TextFrame || !strings.Contains(string(payload), `"error": "message too large", "orig": null`) {
+		t.Fatalf("after a message too large: got frame %d %q, want an error saying so", op, payload)
+	}
+	if op, payload := readFrame(t, br); op != websocket.CloseFrame || binary.BigEndian.Uint16(payload) != closeTooBig {
+		t.Fatalf("after the error: got frame %d %q, want close %d", op, payload, closeTooBig)
+	}
 }
 
 func TestMailboxLimits(t *testing.T) {
@@ -738,6 +745,7 @@ func TestFlood(t *testing.T) {
 	}
 	cfg := testConfig()
 	cfg.maxConnsPerAddr, cfg.maxConns, cfg.nameplatesPerMin = 6, 500, 5
+	cfg.maxMessageBytes = 32 << 10 // the flood's scale: 32 connections sending as fast as they can
 	cfg.limits = limits{MaxNameplates: 24, MaxMailboxes: 24, MaxMessagesPerMailbox: 20, MaxMailboxBytes: 256 << 10, MaxStoredBytes: 1 << 20}
 	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.maxOutboxBytes = 1 << 20 })
 	baseline := heapInUse()
@@ -746,7 +754,7 @@ func TestFlood(t *testing.T) {
 		mu       sync.Mutex
 		seen     = map[string]int{} // errors and close statuses the attackers got
 		sent     int64              // bytes the attackers sent
-		maxFrame = strings.Repeat("f", maxMessageBytes-len(`{"type": "add", "phase": "p", "body": ""}`))
+		maxFrame = strings.Repeat("f", cfg.maxMessageBytes-len(`{"type": "add", "phase": "p", "body": ""}`))
 		bigAdd   = []byte(fmt.Sprintf(`{"type": "add", "phase": "p", "body": "%s"}`, maxFrame))
 		bigPing  = []byte(fmt.Sprintf(`{"type": "ping", "ping": "%s"}`, maxFrame[:len(maxFrame)-3]))
 		smallAdd = []byte(`{"type": "add", "phase": "p", "body": "aa"}`)
@@ -897,7 +905,7 @@ func TestFlood(t *testing.T) {
 		}
 		ready.Done()
 		<-measured
-		over := make([]byte, maxMessageBytes+1)
+		over := make([]byte, cfg.maxMessageBytes+1)
 		copy(over, bigAdd)
 		send(c, over)
 		note(closeStatus(c))

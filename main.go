@@ -502,6 +502,8 @@ type server struct {
 	outboxBytes         atomic.Int64
 	maxOutboxTotalBytes int64
 
+	proxyHint sync.Once // the warning about loopback clients is logged once
+
 	connsMu      sync.Mutex
 	conns        map[*connection]struct{} // connections past the handshake
 	shuttingDown bool                     // closeConnections has begun
@@ -607,6 +609,12 @@ func (srv *server) handler() http.Handler {
 func (srv *server) admit(c *connection) string {
 	srv.metrics.connections.Add(1)
 	srv.metrics.connectionsTotal.Add(1)
+	if srv.trustHeader == "" && c.addr.ip.IsLoopback() {
+		srv.proxyHint.Do(func() {
+			srv.log.Warn("a client connects from a loopback address; if a reverse proxy is in front, " +
+				"set --trust-proxy-header, or the per-address limits count all its clients as one")
+		})
+	}
 	why := srv.limiter.connect(c.addr.ip)
 	switch why {
 	case errTooManyConnsFromAddr:

@@ -139,6 +139,9 @@ var errJournalClosed = errors.New("journal closed")
 // unreadable line is an error naming the file and line, and the file is
 // left as it is. onFail is told if the journal later fails.
 func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metrics, onFail func(error)) (*store, error) {
+	if err := notSQLite(path, "--channel-db"); err != nil {
+		return nil, err
+	}
 	f, created, err := openJournal(path)
 	if err != nil {
 		return nil, err
@@ -219,6 +222,29 @@ func openJournal(path string) (f *os.File, created bool, err error) {
 		}
 		f.Close()
 	}
+}
+
+// sqliteHeader starts every SQLite database file, the format of the
+// reference server's --channel-db and --usage-db.
+const sqliteHeader = "SQLite format 3\x00"
+
+// notSQLite refuses a file that is an SQLite database. Someone moving from
+// the reference server may keep its file names; this server must then
+// neither fail on the file obscurely nor append lines to it.
+func notSQLite(path, flag string) error {
+	if fi, err := os.Stat(path); err != nil || !fi.Mode().IsRegular() {
+		return nil // missing (it will be created), a device or pipe, or the open that follows says why
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	head := make([]byte, len(sqliteHeader))
+	if n, _ := io.ReadFull(f, head); n == len(head) && string(head) == sqliteHeader {
+		return fmt.Errorf("%s is an SQLite database, as the reference server writes; this server keeps %s in JSON lines: give it a new file (nothing needs moving: channels live minutes)", path, flag)
+	}
+	return nil
 }
 
 // lockFile takes an advisory lock on f, refused at once if another

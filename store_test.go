@@ -991,3 +991,23 @@ func TestAppendLine(t *testing.T) {
 		}
 	}
 }
+
+// TestRefuseSQLite checks that the reference server's SQLite files are
+// refused, clearly and untouched, as journal and as usage log.
+func TestRefuseSQLite(t *testing.T) {
+	dir := t.TempDir()
+	db := filepath.Join(dir, "relay.sqlite")
+	content := append([]byte(sqliteHeader), make([]byte, 100)...)
+	os.WriteFile(db, content, 0o600)
+	for _, cfg := range []config{
+		func() config { c := testConfig(); c.channelDB = db; return c }(),
+		func() config { c := testConfig(); c.usageDB = db; return c }(),
+	} {
+		if _, err := newServer(cfg, testLogger(t)); err == nil || !strings.Contains(err.Error(), "is an SQLite database") {
+			t.Errorf("newServer on an SQLite file: %v, want a refusal naming it", err)
+		}
+		if got, _ := os.ReadFile(db); !bytes.Equal(got, content) {
+			t.Error("the SQLite file was changed")
+		}
+	}
+}

@@ -131,6 +131,9 @@ type usageRequest struct {
 // openUsageLog opens (creating) the usage log and starts its writer. A
 // negative blur means --blur-usage was not given.
 func openUsageLog(path string, blur int, log *slog.Logger, m *metrics) (*usageLog, error) {
+	if err := notSQLite(path, "--usage-db"); err != nil {
+		return nil, err
+	}
 	f, err := openAppend(path)
 	if err != nil {
 		return nil, err
