@@ -47,6 +47,9 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 			if np.mailbox == nil || np.mailbox.deleted || a.mailboxes[np.mailbox.id] != np.mailbox {
 				return fmt.Errorf("app %q: nameplate %q points at no live mailbox of its app", id, name)
 			}
+			if np.mailbox.nameplate != np {
+				return fmt.Errorf("app %q: nameplate %q's mailbox does not point back at it", id, name)
+			}
 			if err := distinctSides(len(np.sides), func(i int) string { return np.sides[i].side }); err != nil {
 				return fmt.Errorf("app %q: nameplate %q: %v", id, name, err)
 			}
@@ -54,9 +57,19 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 				return fmt.Errorf("app %q: nameplate %q has %d sides", id, name, len(np.sides))
 			}
 		}
+		var short [4]int
+		for name := range a.nameplates {
+			short[shortName(name)]++
+		}
+		if short != a.short {
+			return fmt.Errorf("app %q: counts short nameplates %v, has %v", id, a.short, short)
+		}
 		for mid, mb := range a.mailboxes {
 			if mb.id != mid || mb.app != a || mb.deleted {
 				return fmt.Errorf("app %q: mailbox %q filed as %q (deleted %v)", id, mb.id, mid, mb.deleted)
+			}
+			if mb.nameplate != nil && a.nameplates[mb.nameplate.name] != mb.nameplate {
+				return fmt.Errorf("app %q: mailbox %q points back at a nameplate not in its app", id, mid)
 			}
 			if err := distinctSides(len(mb.sides), func(i int) string { return mb.sides[i].side }); err != nil {
 				return fmt.Errorf("app %q: mailbox %q: %v", id, mid, err)

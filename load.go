@@ -61,6 +61,7 @@ type loadConfig struct {
 	idle     int
 	pid      int
 	sources  int // how many loopback source addresses to spread connections over
+	hold     time.Duration
 	json     bool
 }
 
@@ -89,6 +90,7 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run transfers")
 	fs.IntVar(&cfg.idle, "idle", 0, "waiting clients to hold open while the transfers run")
 	fs.IntVar(&cfg.pid, "pid", 0, "the server's process `id`, to report its CPU time and memory from /proc")
+	fs.DurationVar(&cfg.hold, "hold", 0, "keep the idle clients waiting this long before the final ping (to run transfers from another process meanwhile, so that latency is measured in a process that holds no idle clients)")
 	fs.IntVar(&cfg.sources, "sources", 8, "connect from this many loopback addresses (127.0.0.2, 127.0.0.3, ...), so ephemeral ports do not run out; 0: the system's choice")
 	fs.BoolVar(&cfg.json, "json", false, "print the result as JSON")
 	if err := fs.Parse(args); err != nil {
@@ -147,6 +149,11 @@ func driveLoad(ctx context.Context, cfg loadConfig, progress io.Writer) (loadRes
 			res.IdleRSSPerConnB = float64(procRSS(cfg.pid)-rssBefore) * 1024 / float64(cfg.idle)
 		}
 		fmt.Fprintf(progress, "%d idle clients are waiting\n", len(idle))
+		select {
+		case <-time.After(cfg.hold):
+		case <-ctx.Done():
+			return res, ctx.Err()
+		}
 	}
 	if cfg.pairs > 0 {
 		cpuBefore := procCPU(cfg.pid)

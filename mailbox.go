@@ -126,7 +126,8 @@ type app struct {
 	id         string
 	nameplates map[string]*nameplate
 	mailboxes  map[string]*mailbox
-	bytes      int64 // sizes of the messages stored in its mailboxes
+	bytes      int64  // sizes of the messages stored in its mailboxes
+	short      [4]int // nameplates named 1-999 by number of digits (short[0] counts the others)
 }
 
 // nameplate is the short name that points two sides at one mailbox.
@@ -152,7 +153,8 @@ type mailbox struct {
 	messages     []message // only ever appended to (the journal's snapshot relies on it)
 	bytes        int       // sizes of its messages, for the per-mailbox limit
 	subscribers  []*session
-	deleted      bool // set when removed from its app, so stale pointers are harmless
+	nameplate    *nameplate // the nameplate pointing at this mailbox, if any
+	deleted      bool       // set when removed from its app, so stale pointers are harmless
 }
 
 type mailboxSide struct {
@@ -240,7 +242,7 @@ func (r *registry) listLocked(appID string) []string {
 // allocateLocked picks a free nameplate (§6.1) and claims it for side.
 func (r *registry) allocateLocked(appID, side string, now float64) (string, error) {
 	a := r.appLocked(appID)
-	name, ok := freeNameplate(a.nameplates)
+	name, ok := a.freeNameplate()
 	if !ok {
 		r.dropIfEmptyLocked(a)
 		return "", errNoFreeNameplate
@@ -251,14 +253,36 @@ func (r *registry) allocateLocked(appID, side string, now float64) (string, erro
 	return name, nil
 }
 
+// shortNames are the names allocation prefers, "1" to "999", made once.
+var shortNames = func() (names [1000]string) {
+	for n := 1; n < len(names); n++ {
+		names[n] = strconv.Itoa(n)
+	}
+	return names
+}()
+
+// shortName returns how many digits name has if it is one of shortNames,
+// or 0.
+func shortName(name string) int {
+	if len(name) == 0 || len(name) > 3 || name[0] == '0' || !validNameplate(name) {
+		return 0
+	}
+	return len(name)
+}
+
 // freeNameplate chooses a random unused name, preferring the shortest: one
-// digit, then two, then three; past that a random number up to 999999.
-func freeNameplate(taken map[string]*nameplate) (string, bool) {
-	for low, high := 1, 9; high <= 999; low, high = low*10, high*10+9 {
+// digit, then two, then three; past that a random number up to 999999. A
+// range every name of which is taken is skipped without looking at it, so
+// allocating stays cheap however many channels wait.
+func (a *app) freeNameplate() (string, bool) {
+	for digits, low := 1, 1; digits <= 3; digits, low = digits+1, low*10 {
+		if a.short[digits] == 9*low {
+			continue
+		}
 		var free []string
-		for n := low; n <= high; n++ {
-			if s := strconv.Itoa(n); taken[s] == nil {
-				free = append(free, s)
+		for n := low; n < 10*low; n++ {
+			if a.nameplates[shortNames[n]] == nil {
+				free = append(free, shortNames[n])
 			}
 		}
 		if len(free) > 0 {
@@ -267,7 +291,7 @@ func freeNameplate(taken map[string]*nameplate) (string, bool) {
 	}
 	for range allocateRandomTries {
 		s := strconv.Itoa(allocateRandomMin + mrand.IntN(allocateRandomMax-allocateRandomMin+1))
-		if taken[s] == nil {
+		if a.nameplates[s] == nil {
 			return s, true
 		}
 	}
@@ -292,10 +316,7 @@ func (r *registry) claimLocked(appID, name, side string, now float64) (string, e
 			r.dropIfEmptyLocked(a)
 			return "", err
 		}
-		np = &nameplate{name: name, mailbox: mb}
-		a.nameplates[name] = np
-		r.nameplateN++
-		r.metrics.nameplates.Add(1)
+		np = r.addNameplateLocked(a, name, mb)
 	}
 	i := slices.IndexFunc(np.sides, func(s nameplateSide) bool { return s.side == side })
 	if i >= 0 && !np.sides[i].claimed {
@@ -489,10 +510,8 @@ func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
 // Connections still subscribed are detached, so none can add to it.
 func (r *registry) deleteMailboxLocked(mb *mailbox, now float64, pruned bool) {
 	a := mb.app
-	for _, np := range a.nameplates {
-		if np.mailbox == mb {
-			r.deleteNameplateLocked(a, np, now, pruned)
-		}
+	if mb.nameplate != nil {
+		r.deleteNameplateLocked(a, mb.nameplate, now, pruned)
 	}
 	r.journal.deleted(kindMailbox, a.id, mb.id)
 	r.usage.mailboxRetired(mb, now, pruned)
@@ -510,10 +529,8 @@ func (r *registry) deleteNameplateLocked(a *app, np *nameplate, now float64, pru
 // out of the registry, and detaches its subscribers.
 func (r *registry) forgetMailboxLocked(mb *mailbox) {
 	a := mb.app
-	for _, np := range a.nameplates {
-		if np.mailbox == mb {
-			r.forgetNameplateLocked(a, np)
-		}
+	if mb.nameplate != nil {
+		r.forgetNameplateLocked(a, mb.nameplate)
 	}
 	for _, s := range mb.subscribers {
 		s.mailbox = nil
@@ -528,8 +545,31 @@ func (r *registry) forgetMailboxLocked(mb *mailbox) {
 	a.bytes -= int64(mb.bytes)
 }
 
+// addNameplateLocked adds a nameplate pointing at mb to the app.
+func (r *registry) addNameplateLocked(a *app, name string, mb *mailbox) *nameplate {
+	np := &nameplate{name: name}
+	a.nameplates[name] = np
+	a.short[shortName(name)]++
+	r.nameplateN++
+	r.metrics.nameplates.Add(1)
+	r.point(np, mb)
+	return np
+}
+
+// point makes np point at mb, and mb back at np.
+func (r *registry) point(np *nameplate, mb *mailbox) {
+	if np.mailbox != nil && np.mailbox.nameplate == np {
+		np.mailbox.nameplate = nil
+	}
+	np.mailbox, mb.nameplate = mb, np
+}
+
 func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
 	delete(a.nameplates, np.name)
+	a.short[shortName(np.name)]--
+	if np.mailbox.nameplate == np {
+		np.mailbox.nameplate = nil
+	}
 	r.nameplateN--
 	r.metrics.nameplates.Add(-1)
 }

@@ -887,13 +887,13 @@ func (r *registry) restoreLocked(rec *record) error {
 		if mb == nil {
 			return fmt.Errorf("nameplate %q points at unknown mailbox %q", rec.Name, rec.Mailbox)
 		}
-		if np == nil {
-			np = &nameplate{name: rec.Name}
-			a.nameplates[np.name] = np
-			r.nameplateN++
-			r.metrics.nameplates.Add(1)
+		if mb.nameplate != nil && mb.nameplate != np {
+			return fmt.Errorf("nameplate %q points at mailbox %q, which nameplate %q points at", rec.Name, rec.Mailbox, mb.nameplate.name)
 		}
-		np.mailbox = mb
+		if np == nil {
+			np = r.addNameplateLocked(a, rec.Name, mb)
+		}
+		r.point(np, mb)
 		np.sides = np.sides[:0]
 		for _, side := range rec.Sides {
 			np.sides = append(np.sides, nameplateSide{side: side.Side, claimed: side.Claimed, added: side.Added})
