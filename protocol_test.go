@@ -472,3 +472,27 @@ func TestManyPairs(t *testing.T) {
 		}
 	}
 }
+
+// TestMailboxDeletedUnderSubscriber checks a deliberate difference: when
+// the sides close a mailbox from other connections, a connection still
+// subscribed to it is detached, so its adds are refused rather than
+// stored in a mailbox that no longer exists (the reference stores them,
+// and replays them to whoever opens that id next).
+func TestMailboxDeletedUnderSubscriber(t *testing.T) {
+	ts := startServer(t, testConfig())
+	x, _ := ts.dial(t)
+	x.bind("app", "a")
+	x.expect(`{"type": "open", "mailbox": "mb"}`)
+	b, _ := ts.dial(t)
+	b.bind("app", "b")
+	b.expect(`{"type": "open", "mailbox": "mb"}`)
+	y, _ := ts.dial(t)
+	y.bind("app", "a") // side a again, on another connection
+	y.expect(`{"type": "close", "mailbox": "mb", "mood": "happy"}`, "closed")
+	b.expect(`{"type": "close", "mood": "happy"}`, "closed") // the last side: the mailbox goes
+	x.expectError(`{"type": "add", "phase": "p", "body": "aa"}`, "must open mailbox before adding")
+	z, _ := ts.dial(t)
+	z.bind("app", "c")
+	z.expect(`{"type": "open", "mailbox": "mb"}`) // a new, empty mailbox: nothing replayed
+	x.expect(`{"type": "open", "mailbox": "mb"}`) // and x may open it again
+}
