@@ -141,16 +141,11 @@ func yourAddress(w msg) string {
 func (ts *testServer) serverSide(t testing.TB, c *testClient) *connection {
 	t.Helper()
 	c.sync() // the connection is tracked before it handles anything
-	local := c.raw.LocalAddr().(*net.TCPAddr)
-	ts.connsMu.Lock()
-	defer ts.connsMu.Unlock()
-	for sc := range ts.conns {
-		if int(sc.addr.port) == local.Port && sc.addr.ip == netip.MustParseAddr(local.IP.String()) {
-			return sc
-		}
+	sc := ts.findServerSide(c)
+	if sc == nil {
+		t.Fatalf("no server connection for client %v", c.raw.LocalAddr())
 	}
-	t.Fatalf("no server connection for client %v", local)
-	return nil
+	return sc
 }
 
 // stopReading makes the server's side of c's connection buffer little,

@@ -154,10 +154,14 @@ func (c *testClient) next() msg {
 	return m
 }
 
-func (c *testClient) tryNext() (msg, error) {
-	c.raw.SetReadDeadline(time.Now().Add(testTimeout))
+func (c *testClient) tryNext() (msg, error) { return readMsg(c.ws, c.raw) }
+
+// readMsg reads and decodes the next message on ws, whose connection is
+// raw, waiting at most testTimeout.
+func readMsg(ws *websocket.Conn, raw net.Conn) (msg, error) {
+	raw.SetReadDeadline(time.Now().Add(testTimeout))
 	var data []byte
-	if err := websocket.Message.Receive(c.ws, &data); err != nil {
+	if err := websocket.Message.Receive(ws, &data); err != nil {
 		return nil, err
 	}
 	var m msg

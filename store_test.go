@@ -708,18 +708,7 @@ func (c *wsClient) send(format string, args ...any) error {
 	return err
 }
 
-func (c *wsClient) next() (msg, error) {
-	c.raw.SetReadDeadline(time.Now().Add(testTimeout))
-	var data []byte
-	if err := websocket.Message.Receive(c.ws, &data); err != nil {
-		return nil, err
-	}
-	var m msg
-	if err := json.Unmarshal(data, &m); err != nil {
-		return nil, fmt.Errorf("bad JSON %q: %v", data, err)
-	}
-	return m, nil
-}
+func (c *wsClient) next() (msg, error) { return readMsg(c.ws, c.raw) }
 
 // waitFor reads until a message of type typ, skipping others; an error
 // message is an error.
