@@ -117,10 +117,11 @@ const (
 	// maxLingerBytes bounds what is read and discarded during closeTimeout.
 	maxLingerBytes = 1 << 20
 
-	// deadlineSlack is how stale a deadline may be: moving a deadline
-	// updates a runtime timer, so rather than on every frame, a deadline
-	// is moved only once it is this much closer than its full length. A
-	// silent client is then dropped up to this much later.
+	// readDeadlineSlack and writeDeadlineSlack are how stale a deadline
+	// may be: moving a deadline updates a runtime timer, so rather than on
+	// every frame, a deadline is moved only once it is this much closer
+	// than its full length. A silent client is then dropped up to this
+	// much later.
 	readDeadlineSlack  = time.Minute
 	writeDeadlineSlack = time.Second
 
