@@ -216,8 +216,13 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "cannot tell the client's address", http.StatusBadRequest)
 		return
 	}
+	if !srv.enter() {
+		http.Error(w, "the server is shutting down", http.StatusServiceUnavailable)
+		return
+	}
 	netConn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
+		srv.connWG.Done()
 		http.Error(w, "cannot upgrade this connection", http.StatusInternalServerError)
 		return
 	}
@@ -241,15 +246,17 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	}
 	rw := bufio.NewReadWriter(c.br, bufio.NewWriterSize(&c.batch, writeBufferSize))
 	ws.ServeHTTP(&hijacked{conn: &c.handover, rw: rw}, handshakeRequest(r))
-	if err := c.batch.end(); err != nil || c.ws == nil || !srv.track(c) { // failed, refused, or too late
+	if err := c.batch.end(); err != nil || c.ws == nil { // failed, or refused (and x/net's answer sent)
 		netConn.Close()
 		srv.release(c)
+		srv.connWG.Done()
 		if c.ws != nil {
 			srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
 				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", writeFailure(err))
 		}
 		return
 	}
+	srv.track(c)
 	go c.serve()
 }
 

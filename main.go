@@ -507,7 +507,7 @@ type server struct {
 	connsMu      sync.Mutex
 	conns        map[*connection]struct{} // connections past the handshake
 	shuttingDown bool                     // closeConnections has begun
-	connWG       sync.WaitGroup           // one per connection in conns
+	connWG       sync.WaitGroup           // one per connection from enter to untrack
 	closed       atomic.Bool
 }
 
@@ -631,22 +631,32 @@ func (srv *server) release(c *connection) {
 	srv.metrics.connections.Add(-1)
 }
 
-// track records a connection whose handshake is done, so that shutdown
-// can close it. It returns false if the server is shutting down: the
-// connection must then be dropped (its client reconnects to the next
-// server).
-func (srv *server) track(c *connection) bool {
+// enter counts a connection about to be upgraded, so that shutdown waits
+// for it. Once shutdown has begun it returns false, and the upgrade is
+// refused.
+func (srv *server) enter() bool {
 	srv.connsMu.Lock()
 	defer srv.connsMu.Unlock()
 	if srv.shuttingDown {
 		return false
 	}
-	srv.conns[c] = struct{}{}
 	srv.connWG.Add(1)
 	return true
 }
 
-// untrack forgets a connection that has ended.
+// track records a connection whose handshake is done, so that shutdown
+// can close it; one that finishes its handshake after shutdown began is
+// told to go at once, like the others.
+func (srv *server) track(c *connection) {
+	srv.connsMu.Lock()
+	defer srv.connsMu.Unlock()
+	srv.conns[c] = struct{}{}
+	if srv.shuttingDown {
+		c.end(closeGoingAway, errShutdown)
+	}
+}
+
+// untrack forgets a connection that has ended, undoing enter and track.
 func (srv *server) untrack(c *connection) {
 	srv.connsMu.Lock()
 	delete(srv.conns, c)

@@ -723,21 +723,20 @@ func TestRealClientsOverWSS(t *testing.T) {
 	}
 }
 
-// TestConnectionAfterShutdownBegan checks that a connection whose
-// handshake completes after shutdown has begun is closed at once rather
-// than served: shutdown no longer waits for new connections, so one
-// served then would outlive it.
+// TestConnectionAfterShutdownBegan checks that a WebSocket upgrade is
+// refused once shutdown has begun: shutdown waits for every connection it
+// let in, and sends each a going-away close.
 func TestConnectionAfterShutdownBegan(t *testing.T) {
 	ts := startServer(t, testConfig())
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
 	ts.closeConnections(ctx)
-	c := dialRaw(t, ts.url, nil)
-	if m := c.next(); m.typ() != "welcome" { // it leaves with the handshake's answer
-		t.Fatalf("first message is %v, want welcome", m)
+	cfg, err := websocket.NewConfig(ts.url, "http://localhost/")
+	if err != nil {
+		t.Fatal(err)
 	}
-	c.ws.Write([]byte(`{"type": "ping", "ping": 1}`)) // a served connection answers
-	if m, err := c.tryNext(); err == nil {
-		t.Fatalf("connection served after shutdown began: got %v", m)
+	if ws, err := websocket.DialConfig(cfg); err == nil {
+		ws.Close()
+		t.Fatal("a WebSocket upgrade succeeded after shutdown began")
 	}
 }
