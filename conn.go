@@ -446,7 +446,7 @@ func (c *connection) readMessage() ([]byte, error) {
 			return nil, errBadFrame // a continuation with nothing to continue, or a new message inside one
 		case !control && h.opcode != websocket.ContinuationFrame && h.opcode != websocket.TextFrame && h.opcode != websocket.BinaryFrame:
 			return nil, errBadFrame
-		case int64(len(msg))+h.length > int64(c.srv.maxMessageBytes):
+		case !control && int64(len(msg))+h.length > int64(c.srv.maxMessageBytes): // a control frame is no part of the message
 			return nil, errTooBig
 		}
 		frame, err := c.ws.NewFrameReader() // parses the header again and unmasks the payload

@@ -229,6 +229,14 @@ func TestMessageSizeFlag(t *testing.T) {
 	if got := c.sync(); len(got) != 2 || got[1].typ() != "pong" {
 		t.Fatalf("a message of the largest size: got %v, want ack and pong", got)
 	}
+	// A control frame between the fragments of a message is no part of it.
+	whole := ping(200)
+	c.writeFrame(false, websocket.TextFrame, whole[:195])
+	c.writeFrame(true, websocket.PongFrame, []byte("0123456789"))
+	c.writeFrame(true, websocket.ContinuationFrame, whole[195:])
+	if got := c.sync(); len(got) != 2 || got[1].typ() != "pong" {
+		t.Fatalf("a message of the largest size, with a pong between its fragments: got %v, want ack and pong", got)
+	}
 	c.writeFrame(true, websocket.TextFrame, ping(201))
 	br := bufio.NewReader(c.raw)
 	if op, payload := readFrame(t, br); op != websocket.TextFrame || !strings.Contains(string(payload), `"error": "message too large", "orig": null`) {
