@@ -440,7 +440,7 @@ func (c *connection) readMessage() ([]byte, error) {
 		switch {
 		case !h.masked || h.rsv != 0: // clients must mask, and no extension was agreed
 			return nil, errBadFrame
-		case control && (!h.fin || h.length > maxControlPayload):
+		case control && (!h.fin || h.length > maxControlPayload || h.opcode > websocket.PongFrame): // 0xB-0xF are reserved
 			return nil, errBadFrame
 		case !control && (h.opcode == websocket.ContinuationFrame) != fragmented:
 			return nil, errBadFrame // a continuation with nothing to continue, or a new message inside one

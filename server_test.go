@@ -557,6 +557,7 @@ func TestBadInput(t *testing.T) {
 		{"unmasked", [][]byte{{0x81, 0x02, '{', '}'}}, closeProtocol},
 		{"fragmented ping", [][]byte{clientFrame(false, websocket.PingFrame, nil)}, closeProtocol},
 		{"reserved opcode", [][]byte{clientFrame(true, 3, nil)}, closeProtocol},
+		{"reserved control opcode", [][]byte{clientFrame(true, 0xb, nil)}, closeProtocol},
 		{"close with a 1-byte payload", [][]byte{clientFrame(true, websocket.CloseFrame, []byte{3})}, closeProtocol},
 		{"close with status 1005", [][]byte{clientFrame(true, websocket.CloseFrame, []byte{0x03, 0xed})}, closeProtocol},
 		{"close with a bad reason", [][]byte{clientFrame(true, websocket.CloseFrame, []byte{0x0f, 0xa0, 0xff})}, closeBadData},
