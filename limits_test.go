@@ -203,9 +203,11 @@ func TestMessageSize(t *testing.T) {
 		if got, want := pyStringLen(s), len(appendPyString(nil, s)); got != want {
 			t.Errorf("pyStringLen(%q) = %d, want %d", s, got, want)
 		}
+		quoted, _ := json.Marshal(s)
 		for _, m := range []message{
 			{side: s, phase: "p", body: "b", serverRx: 1795715551.1482983, id: jsonNull},
 			{side: "s", phase: s, body: s, serverRx: 1795715551, id: json.RawMessage(`[1, "x"]`)},
+			{side: "s", phase: "p", body: "b", serverRx: 1795715551, id: json.RawMessage(`[` + string(quoted) + `,1e5,{"k":0}]`)},
 		} {
 			if frame := messageFrame(m); len(frame) > m.size() || len(frame) < m.size()-2*pyTimeLen {
 				t.Errorf("a message of %q counts %d bytes; its frame has %d", s, m.size(), len(frame))

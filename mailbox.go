@@ -179,9 +179,12 @@ type message struct {
 // to keep in memory or to write in the journal, so the limits on stored
 // bytes bound all three. (Its fields alone would not: an empty message
 // still costs about a hundred bytes to keep, and a body of control
-// characters takes six bytes per character to send.)
+// characters takes six bytes per character to send. Nor would the id as
+// it came: it is sent re-encoded, which can make it three times longer.)
 func (m message) size() int {
-	return pyStringLen(m.side) + pyStringLen(m.phase) + pyStringLen(m.body) + len(m.id) + messageFrameOverhead
+	var id [64]byte // room for a usual id, which is then counted without allocating
+	return pyStringLen(m.side) + pyStringLen(m.phase) + pyStringLen(m.body) +
+		len(appendPyJSON(id[:0], m.id, 0)) + messageFrameOverhead
 }
 
 func newRegistry(l limits, allowList bool, journal *store, usage *usageLog, m *metrics) *registry {
