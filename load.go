@@ -335,7 +335,11 @@ func openIdleClients(ctx context.Context, d *loadDialer, n int) ([]*loadClient, 
 	}
 	wg.Wait()
 	close(errs)
-	if err := <-errs; err != nil {
+	err := <-errs
+	if err == nil {
+		err = ctx.Err() // interrupted: some clients were never opened
+	}
+	if err != nil {
 		for _, c := range clients {
 			if c != nil {
 				c.close()
@@ -343,7 +347,7 @@ func openIdleClients(ctx context.Context, d *loadDialer, n int) ([]*loadClient, 
 		}
 		return nil, err
 	}
-	return clients, ctx.Err()
+	return clients, nil
 }
 
 func openIdleClient(d *loadDialer, i int) (*loadClient, error) {

@@ -2,7 +2,8 @@
 // command line, on a real port. It covers --version and the Server
 // header, wss with a certificate made in the test and its reload on
 // SIGHUP, the log (what it shows, what it never shows), the health
-// check, and the real wormhole clients speaking wss.
+// check, the real wormhole clients speaking wss, and the load command
+// interrupted.
 package main
 
 import (
@@ -738,5 +739,18 @@ func TestConnectionAfterShutdownBegan(t *testing.T) {
 	if ws, err := websocket.DialConfig(cfg); err == nil {
 		ws.Close()
 		t.Fatal("a WebSocket upgrade succeeded after shutdown began")
+	}
+}
+
+// TestLoadInterrupted checks that the load command, interrupted while it
+// opens its idle clients, stops with the interruption as its error.
+func TestLoadInterrupted(t *testing.T) {
+	ts := startServer(t, testConfig())
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var out bytes.Buffer
+	err := run(ctx, []string{"load", "--url", ts.url, "--idle", "3", "--pairs", "0", "--sources", "0"}, &out, &out)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("load interrupted: %v, want %v", err, context.Canceled)
 	}
 }
