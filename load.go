@@ -233,7 +233,9 @@ func transfer(d *loadDialer, id string) ([]time.Duration, error) {
 			sent[i][phase] = new(atomic.Int64)
 		}
 	}
-	nameplate := make(chan string, 1)
+	// The sender's nameplate, and "" when a side has failed, for the
+	// receiver; room for both, so that neither send can block.
+	nameplate := make(chan string, 2)
 	var lat [2][]time.Duration
 	errs := make(chan error, 2)
 	for side := range 2 {
