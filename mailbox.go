@@ -508,8 +508,9 @@ func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
 }
 
 // deleteMailboxLocked removes a mailbox with its messages, and the
-// nameplates that point at it (the reference crashes when a nameplate is
-// still claimed at this point; deleting it is what its own fix intends).
+// nameplate that points at it, if any (the reference crashes when a
+// nameplate is still claimed at this point; deleting it is what its own
+// fix intends).
 // Connections still subscribed are detached, so none can add to it.
 func (r *registry) deleteMailboxLocked(mb *mailbox, now float64, pruned bool) {
 	a := mb.app

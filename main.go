@@ -58,8 +58,16 @@ const (
 const (
 	readHeaderTimeout = 10 * time.Second
 	maxHeaderBytes    = 16 << 10
-	httpIdleTimeout   = 60 * time.Second
-	shutdownTimeout   = 10 * time.Second
+
+	// httpIdleTimeout is how long a connection that made a plain HTTP
+	// request (the banner at /) may stay open waiting for another; a
+	// WebSocket connection is taken from net/http and does not meet it.
+	httpIdleTimeout = 60 * time.Second
+
+	// shutdownTimeout is how long a shutdown waits for the clients to be
+	// sent what they are owed and a close, one frame write's time
+	// (writeTimeout); those still connected after it are cut off.
+	shutdownTimeout = 10 * time.Second
 )
 
 // Default connection limits (see limiter in conn.go). Per address: far

@@ -492,10 +492,10 @@ func (m *metrics) clientError(text string) { m.clientErrors.Add(text, 1) }
 func (m *metrics) refused(limit string) { m.refusals.Add(limit, 1) }
 
 // drop counts a connection that ended other than by the client's close
-// frame, by reason. A network error
-// is counted by what went wrong ("connection reset by peer", "i/o
-// timeout") without the addresses it carries, which would make a counter
-// for every client and put addresses where --blur-usage promises none.
+// frame, by reason. A network error is counted by what went wrong
+// ("connection reset by peer", "i/o timeout") without the addresses it
+// carries, which would make a counter for every client and put addresses
+// where --blur-usage promises none.
 func (m *metrics) drop(reason error) {
 	var op *net.OpError
 	if errors.As(reason, &op) {
