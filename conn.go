@@ -381,7 +381,18 @@ func (c *connection) received(msg []byte) error {
 	if c.srv.logMessages {
 		c.srv.log.Info("recv", "client", c.srv.logAddr(c.addr), logFrame(msg))
 	}
+	if c.isClosing() {
+		return nil // the server has said goodbye: nothing it did now could be answered
+	}
 	return c.handle(msg)
+}
+
+// isClosing reports whether the connection is going away (a close frame is
+// queued, or it failed).
+func (c *connection) isClosing() bool {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	return c.closing
 }
 
 // finish ends the connection for the reason err: with a close frame
@@ -393,6 +404,7 @@ func (c *connection) finish(err error) {
 	c.outMu.Lock()
 	if c.pinger != nil {
 		c.pinger.Stop()
+		c.pinger = nil // so that a ping running now does not restart it
 	}
 	c.outMu.Unlock()
 	c.disconnected()
@@ -544,7 +556,7 @@ func (c *connection) extendReadDeadline() {
 func (c *connection) ping() {
 	c.queue(outFrame{opcode: websocket.PingFrame, data: []byte("wormhole")})
 	c.outMu.Lock()
-	if !c.closing {
+	if c.pinger != nil && !c.closing {
 		c.pinger.Reset(c.srv.pingInterval)
 	}
 	c.outMu.Unlock()

@@ -49,6 +49,10 @@ const (
 // loadAppID is the app the driver's clients bind to.
 const loadAppID = "wormhole-mailbox/load"
 
+// maxLoadSources is how many source addresses --sources may ask for:
+// 127.0.0.2 to 127.0.0.254.
+const maxLoadSources = 253
+
 // loadTimeout bounds every wait for the server, so a stuck server stops
 // the driver with an error instead of hanging it.
 const loadTimeout = 30 * time.Second
@@ -95,6 +99,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.BoolVar(&cfg.json, "json", false, "print the result as JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if cfg.sources < 0 || cfg.sources > maxLoadSources {
+		return fmt.Errorf("load: --sources must be 0 to %d", maxLoadSources)
 	}
 	res, err := driveLoad(ctx, cfg, stderr)
 	if err != nil {
@@ -316,7 +323,7 @@ func transferSide(d *loadDialer, id string, side int, nameplate chan string, sen
 // openIdleClients opens n clients that each claim a nameplate, open its
 // mailbox and add a PAKE message, then wait.
 func openIdleClients(ctx context.Context, d *loadDialer, n int) ([]*loadClient, error) {
-	const parallel = 32 // clients being set up at once
+	const parallel = 32 // clients set up at once: enough to keep a server busy, few enough not to swamp it
 	clients := make([]*loadClient, n)
 	var next atomic.Int64
 	var wg sync.WaitGroup
@@ -381,11 +388,12 @@ func openIdleClient(d *loadDialer, i int) (*loadClient, error) {
 func pingAll(clients []*loadClient) int {
 	var answered atomic.Int64
 	var wg sync.WaitGroup
-	for part := range 16 {
+	const parallel = 16 // pings in flight at once: each client's is answered within its own round trip
+	for part := range parallel {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := part; i < len(clients); i += 16 {
+			for i := part; i < len(clients); i += parallel {
 				c := clients[i]
 				c.send(`{"type": "ping", "ping": %d}`, i)
 				if _, err := c.waitFor(func(m loadMsg) bool { return m.Type == "pong" }); err == nil {
@@ -476,13 +484,14 @@ func (c *loadClient) waitFor(match func(loadMsg) bool) (loadMsg, error) {
 
 func (c *loadClient) close() { c.ws.Close() }
 
-// percentile returns the p-quantile of ds (sorting them).
+// percentile returns the p-quantile of ds (sorting them), as the stats
+// command computes its percentiles.
 func percentile(ds []time.Duration, p float64) time.Duration {
 	if len(ds) == 0 {
 		return 0
 	}
 	slices.Sort(ds)
-	return ds[min(len(ds)-1, int(p*float64(len(ds))))]
+	return nearestRank(ds, p)
 }
 
 // procRSS returns a process's resident memory in kB, or 0.

@@ -56,8 +56,8 @@ type limits struct {
 // (every nameplate and mailbox in an app of its own, with the longest
 // names, and every stored byte used) they hold about 45 MiB of channels
 // and 64 MiB of messages, twice that while the journal is compacted.
-// 25,000 channels are 12,500 transfers under way at once, or waiting for
-// their receivers.
+// 25,000 channels are 25,000 transfers under way at once, or senders
+// waiting for their receivers; one app may hold half of them.
 var defaultLimits = limits{
 	MaxNameplates:         25_000,
 	MaxMailboxes:          25_000,

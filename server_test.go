@@ -608,3 +608,25 @@ func TestJournalStateSurvivesRestart(t *testing.T) {
 		t.Fatalf("after restart, replayed %v", got)
 	}
 }
+
+// TestNothingHandledAfterServerClose checks that once the server has
+// queued its close (here the going-away close of a shutdown), what the
+// client still sends is not acted on: it could not be answered, so a
+// client must not find an add stored that it never saw acknowledged.
+func TestNothingHandledAfterServerClose(t *testing.T) {
+	ts := startServer(t, testConfig())
+	c, _ := ts.dial(t)
+	c.bind("app", "a")
+	c.expect(`{"type": "open", "mailbox": "mb"}`)
+	ts.serverSide(t, c).end(closeGoingAway, errShutdown)
+	c.send(`{"type": "add", "phase": "p", "body": "aa"}`)
+	c.expectClose(closeGoingAway)
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	ts.closeConnections(ctx) // returns once the server's side has read all it will
+	ts.reg.mu.Lock()
+	defer ts.reg.mu.Unlock()
+	if mb := ts.reg.apps["app"].mailboxes["mb"]; len(mb.messages) != 0 {
+		t.Fatalf("the mailbox holds %d messages, want none", len(mb.messages))
+	}
+}

@@ -101,7 +101,10 @@ example a rotated, compressed log through zcat).
 	}
 	sum.File = *path
 	if *asJSON {
-		out, _ := json.MarshalIndent(sum, "", "  ")
+		out, err := json.MarshalIndent(sum, "", "  ")
+		if err != nil {
+			return fmt.Errorf("stats: %w", err)
+		}
 		_, err = fmt.Fprintf(stdout, "%s\n", out)
 		return err
 	}
@@ -223,11 +226,18 @@ func newPercentiles(values []float64) percentiles {
 	}
 	slices.Sort(values)
 	rank := func(q float64) *float64 {
-		v := values[int(math.Ceil(q*float64(len(values))))-1]
+		v := nearestRank(values, q)
 		return &v
 	}
 	p.P50, p.P90, p.P99 = rank(0.50), rank(0.90), rank(0.99)
 	return p
+}
+
+// nearestRank returns the q-quantile of sorted, which is not empty, by
+// the nearest-rank method: the smallest value that at least a fraction q
+// of all values are no greater than.
+func nearestRank[T cmp.Ordered](sorted []T, q float64) T {
+	return sorted[max(0, int(math.Ceil(q*float64(len(sorted))))-1)]
 }
 
 // appStats is one app id's transfers.
