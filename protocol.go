@@ -366,17 +366,10 @@ func (s *session) handle(raw []byte) error {
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
 	// The ack is queued before the changes it acknowledges, so the
-	// frames wait (held) until the handling is done; then, if it changed
-	// anything, they wait for the journal to hold it.
+	// frames wait (held) until the handling is done, and then for the
+	// journal to hold what it changed.
 	s.out.hold()
-	before := reg.journal.lastLSN()
-	defer func() { // runs before the unlock: deferred calls run last first
-		if after := reg.journal.lastLSN(); after != before {
-			s.out.release(after)
-		} else {
-			s.out.release(0)
-		}
-	}()
+	defer func() { s.out.release(reg.journal.lastLSN()) }() // before the unlock: deferred calls run last first
 	if !msg.has("type") {
 		s.fail(errMissingType, msg)
 		return nil
