@@ -89,6 +89,16 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	var cfg loadConfig
 	fs := flag.NewFlagSet("wormhole-mailbox load", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: wormhole-mailbox load [flags]
+
+Drive transfers (and optionally waiting clients) at a mailbox server, this
+one or the reference, and report throughput, relay latency and, given
+--pid, the server's CPU time and memory.
+
+`)
+		fs.PrintDefaults()
+	}
 	fs.StringVar(&cfg.url, "url", "ws://127.0.0.1:4000/v1", "the server's WebSocket `URL`")
 	fs.IntVar(&cfg.pairs, "pairs", 10, "transfers running at once")
 	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run transfers")

@@ -277,18 +277,18 @@ server's where it has them.
 	fs.StringVar(&cfg.port, "port", "tcp:4000", portHelp)
 	fs.StringVar(&cfg.port, "p", "tcp:4000", "short for --port")
 	fs.StringVar(&cfg.channelDB, "channel-db", "relay.jsonl", "journal `file` that keeps channel state across restarts; :memory: keeps none")
-	fsyncMode := fs.String("fsync", "always", "`always`: make every change durable before answering; never: leave it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
+	fsyncMode := fs.String("fsync", "always", "`mode`: always makes every change durable before answering; never leaves it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
 	fs.StringVar(&cfg.usageDB, "usage-db", "", "usage log `file` (JSON lines); none by default")
-	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses")
+	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses; -1: no blurring")
 	fs.StringVar(&cfg.welcome.currentCLIVersion, "advertise-version", "", "tell clients this is the current client `version`")
 	fs.StringVar(&cfg.welcome.signalError, "signal-error", "", "tell every client this `error` and so refuse service")
 	fs.StringVar(&cfg.welcome.motd, "motd", "", "message of the day `text` shown by clients")
 	disallowList := fs.Bool("disallow-list", false, "answer \"list\" with no nameplates, so nobody can see which are waiting")
-	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:4001")
+	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:9400")
 	fs.StringVar(&cfg.trustProxyHeader, "trust-proxy-header", "", "take the client's address from this `header` (X-Real-IP or X-Forwarded-For) set by a reverse proxy in front")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve wss:// with this certificate `file` (PEM; re-read on SIGHUP)")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "the certificate's private key `file` (PEM)")
-	fs.StringVar(&cfg.logFormat, "log-format", "text", "log as `text` or json")
+	fs.StringVar(&cfg.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.BoolVar(&cfg.logMessages, "log-messages", false, "log every message in and out (bodies shortened), to learn the protocol")
 	fs.IntVar(&cfg.maxMessageBytes, "max-message-size", maxMessageBytes, "largest client message in `bytes`")
 	fs.IntVar(&cfg.limits.MaxMessagesPerMailbox, "max-mailbox-messages", defaultLimits.MaxMessagesPerMailbox, "most messages one mailbox may hold")
@@ -301,12 +301,16 @@ server's where it has them.
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
+	protocolOption := fs.String("websocket-protocol-option", "", "not supported (the reference's Autobahn `option`s); refused with a reason")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
 	if fs.NArg() > 0 {
-		fs.Usage()
-		return cfg, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+		return cfg, fmt.Errorf("unexpected argument %q: the server takes only flags, and the commands stats, load and healthcheck (see --help)", fs.Arg(0))
+	}
+	if *protocolOption != "" {
+		return cfg, errors.New("--websocket-protocol-option is not supported: it set the reference's Autobahn options; " +
+			"this server's limits have flags of their own (see --help)")
 	}
 	if *showVersion {
 		fmt.Fprintln(stdout, "wormhole-mailbox", version)
@@ -405,8 +409,10 @@ func runHealthcheck(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: wormhole-mailbox healthcheck URL
 
-Fetch URL, such as http://127.0.0.1:4001/healthz (served by
+Fetch URL, such as http://127.0.0.1:9400/healthz (served by
 --metrics-listen), and exit with status 0 if the answer is 200 OK.
+A bare HOST:PORT, as given to --metrics-listen, means
+http://HOST:PORT/healthz.
 `)
 	}
 	if err := fs.Parse(args); err != nil {
@@ -418,9 +424,13 @@ Fetch URL, such as http://127.0.0.1:4001/healthz (served by
 	}
 	ctx, cancel := context.WithTimeout(ctx, healthcheckTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fs.Arg(0), nil)
+	target := fs.Arg(0)
+	if !strings.Contains(target, "://") {
+		target = "http://" + target + "/healthz"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	if err != nil {
-		return fmt.Errorf("healthcheck: %w", err)
+		return fmt.Errorf("healthcheck: %w (give a URL such as http://127.0.0.1:9400/healthz)", err)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -704,13 +714,22 @@ func (srv *server) prune(expiry time.Duration) {
 	reg := srv.reg
 	reg.mu.Lock()
 	nameplates, mailboxes := reg.pruneLocked(now, now-expiry.Seconds())
-	subscriptions := reg.subscriptions
 	reg.mu.Unlock()
-	reg.usage.current(srv.rebooted, now, subscriptions)
+	srv.writeCurrent()
 	srv.limiter.sweep()
 	if nameplates+mailboxes > 0 {
 		srv.log.Info("pruned idle channels", "nameplates", nameplates, "mailboxes", mailboxes)
 	}
+}
+
+// writeCurrent writes the usage log's "current" record: when the server
+// started, now, and how many connections are subscribed to a mailbox.
+func (srv *server) writeCurrent() {
+	reg := srv.reg
+	reg.mu.Lock()
+	subscriptions := reg.subscriptions
+	reg.mu.Unlock()
+	reg.usage.current(srv.rebooted, srv.now(), subscriptions)
 }
 
 // reopen answers SIGHUP: the usage log is reopened (after rotation) and
@@ -770,6 +789,7 @@ func (srv *server) close() error {
 	srv.stopPruning()
 	<-srv.pruned
 	err := srv.reg.journal.close()
+	srv.writeCurrent() // so that the log's last word on the server says how long it ran
 	srv.reg.usage.close()
 	return err
 }

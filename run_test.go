@@ -594,6 +594,34 @@ func TestHealthcheck(t *testing.T) {
 	if err := run(context.Background(), []string{"healthcheck"}, io.Discard, io.Discard); err == nil {
 		t.Error("healthcheck without a URL succeeded")
 	}
+	// A bare HOST:PORT, as given to --metrics-listen, means its /healthz.
+	stdout.Reset()
+	if err := run(context.Background(), []string{"healthcheck", strings.TrimPrefix(base, "http://")}, &stdout, io.Discard); err != nil || stdout.String() != "ok\n" {
+		t.Errorf("healthcheck of HOST:PORT: %v, printed %q; want ok", err, stdout.String())
+	}
+}
+
+// TestCommandLineRefusals checks that a command line the server cannot
+// take is refused with a message that says what is wrong, not only the
+// usage.
+func TestCommandLineRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"extra-arg"}, `unexpected argument "extra-arg": the server takes only flags`},
+		{[]string{"--websocket-protocol-option", "autoPingInterval=60"}, "--websocket-protocol-option is not supported"},
+		{[]string{"--fsync", "sometimes"}, "--fsync must be always or never"},
+	} {
+		var stderr bytes.Buffer
+		err := run(context.Background(), tc.args, io.Discard, &stderr)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("run %q: %v, want an error saying %q", tc.args, err, tc.want)
+		}
+		if strings.Contains(stderr.String(), "Usage:") {
+			t.Errorf("run %q printed the whole usage instead of just the error:\n%s", tc.args, stderr.String())
+		}
+	}
 }
 
 // netnsEnv marks a test process re-run inside a private network namespace.

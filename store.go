@@ -242,7 +242,11 @@ func notSQLite(path, flag string) error {
 	defer f.Close()
 	head := make([]byte, len(sqliteHeader))
 	if n, _ := io.ReadFull(f, head); n == len(head) && string(head) == sqliteHeader {
-		return fmt.Errorf("%s is an SQLite database, as the reference server writes; this server keeps %s in JSON lines: give it a new file (nothing needs moving: channels live minutes)", path, flag)
+		why := "channels live minutes"
+		if flag == "--usage-db" {
+			why = "keep the old database to read with the reference's tools"
+		}
+		return fmt.Errorf("%s is an SQLite database, as the reference server writes; this server keeps %s in JSON lines: give it a new file (nothing needs moving: %s)", path, flag, why)
 	}
 	return nil
 }

@@ -561,3 +561,20 @@ func TestMetricsDropReasons(t *testing.T) {
 		t.Errorf("dropped = %s, want %s", got, want)
 	}
 }
+
+// TestCurrentRecordAtShutdown checks that a server writes a "current"
+// record as it stops, besides the one at start-up, so that the log's last
+// record on the server says how long it ran (stats shows it as "up").
+func TestCurrentRecordAtShutdown(t *testing.T) {
+	ts, clock := startUsageServer(t, testConfig())
+	started := ts.usageLines(t, usageCurrent)
+	if len(started) != 1 {
+		t.Fatalf("%d current records at start-up, want 1", len(started))
+	}
+	clock.set(t0 + 3600)
+	ts.server.close()
+	got := readUsage(t, ts.cfg.usageDB, usageCurrent)
+	if len(got) != 2 || got[1]["updated"] != t0+3600 {
+		t.Fatalf("current records %v, want a second one written at shutdown, at the clock's time then", got)
+	}
+}
