@@ -4,7 +4,7 @@
 // done by handing encoded frames to a connection's outbox, which never
 // blocks (see conn.go).
 //
-// The rules are the reference server's (../shared/protocol.md §6, §7, §9):
+// The rules are the reference server's (PROTOCOL.md §8, §9, §10, §12):
 // a nameplate is a short name pointing at one mailbox; a mailbox holds an
 // append-only list of messages; at most two sides may share either; both
 // go away when every side has released or closed them, or when they have
@@ -88,7 +88,7 @@ const crowdedSides = 2
 const maxSides = crowdedSides + 1
 
 // Allocation tries these many random names in 1000–999999 once every name
-// of up to three digits is taken, as the reference does (§6.1).
+// of up to three digits is taken, as the reference does (PROTOCOL.md §8.1).
 const (
 	allocateRandomTries = 1000
 	allocateRandomMin   = 1000
@@ -242,7 +242,7 @@ func (r *registry) listLocked(appID string) []string {
 	return names
 }
 
-// allocateLocked picks a free nameplate (§6.1) and claims it for side.
+// allocateLocked picks a free nameplate (PROTOCOL.md §8.1) and claims it for side.
 func (r *registry) allocateLocked(appID, side string, now float64) (string, error) {
 	a := r.appLocked(appID)
 	name, ok := a.freeNameplate()
@@ -301,7 +301,7 @@ func (a *app) freeNameplate() (string, bool) {
 	return "", false
 }
 
-// claimLocked claims nameplate name for side (§6.2) and returns the id of
+// claimLocked claims nameplate name for side (PROTOCOL.md §8.2) and returns the id of
 // its mailbox. A new name creates the nameplate and a new mailbox. Claiming
 // also opens the mailbox for the side. A third side gets errCrowded (its
 // claim is still recorded, as the reference does), and a side that already
@@ -341,7 +341,7 @@ func (r *registry) claimLocked(appID, name, side string, now float64) (string, e
 	return np.mailbox.id, nil
 }
 
-// releaseLocked releases side's claim on a nameplate (§6.3). Unknown
+// releaseLocked releases side's claim on a nameplate (PROTOCOL.md §8.3). Unknown
 // nameplates and sides are ignored. When no side holds a claim any more the
 // nameplate is deleted; its mailbox stays until its sides close it.
 func (r *registry) releaseLocked(appID, name, side string, now float64) {
@@ -366,7 +366,7 @@ func (r *registry) releaseLocked(appID, name, side string, now float64) {
 	r.dropIfEmptyLocked(a)
 }
 
-// openLocked opens mailbox id for side (§7.1), creating it if it does not
+// openLocked opens mailbox id for side (PROTOCOL.md §9.1), creating it if it does not
 // exist. It refreshes the mailbox's activity time. A third side gets
 // errCrowded, though its side is still recorded, as the reference does.
 func (r *registry) openLocked(a *app, id, side string, now float64) (*mailbox, error) {
@@ -486,7 +486,7 @@ func (r *registry) unsubscribeLocked(mb *mailbox, s *session) {
 	}
 }
 
-// closeLocked records that side closed mailbox id with this mood (§7.3).
+// closeLocked records that side closed mailbox id with this mood (PROTOCOL.md §9.3).
 // Unknown mailboxes and sides are ignored. When every side has closed it,
 // the mailbox, its messages and any nameplate still pointing at it go.
 func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
@@ -578,7 +578,7 @@ func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
 	r.metrics.nameplates.Add(-1)
 }
 
-// pruneLocked deletes every channel idle since before old (§9.4). A
+// pruneLocked deletes every channel idle since before old (PROTOCOL.md §12). A
 // mailbox with a subscribed connection counts as active now, so only
 // channels nobody is connected to can expire; a nameplate goes with its
 // mailbox.

@@ -43,7 +43,7 @@ import (
 // Server header.
 const version = "0.1.0"
 
-// Pruning, as the reference does it (§9.4): every pruneInterval, and once
+// Pruning, as the reference does it (PROTOCOL.md §12): every pruneInterval, and once
 // at start-up, channels idle for channelExpiry with no connection
 // subscribed are deleted. The expiry exceeds the interval so a channel
 // lives at least 11 minutes after its last activity, time enough for a

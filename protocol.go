@@ -1,6 +1,6 @@
 // protocol.go owns the mailbox protocol as clients see it: the shape of
 // every message in both directions, the error strings, and the state
-// machine each connection runs (../shared/protocol.md §3, §4). It decides
+// machine each connection runs (PROTOCOL.md §4, §5). It decides
 // what a message means; mailbox.go keeps the state it changes, and conn.go
 // moves the bytes.
 //
@@ -21,7 +21,7 @@ import (
 	"unicode/utf8"
 )
 
-// The reference server's error strings (§4.5), which clients may match.
+// The reference server's error strings (PROTOCOL.md §7.1), which clients may match.
 const (
 	errMissingType      = protocolError("missing 'type'")
 	errMustBind         = protocolError("must bind first")
@@ -327,7 +327,7 @@ type sender interface {
 	release(lsn uint64)
 }
 
-// session is one connection's protocol state (§3). Its fields are guarded
+// session is one connection's protocol state (PROTOCOL.md §4.1). Its fields are guarded
 // by the registry's mutex, since other connections' actions can change them
 // (a deleted mailbox detaches its subscribers).
 type session struct {
@@ -353,7 +353,7 @@ func (s *session) send(frame []byte) {
 	s.out.enqueue(frame, s.srv.reg.journal.lastLSN())
 }
 
-// handle runs one client message: the dispatch order of §4.2. A non-nil
+// handle runs one client message: the dispatch order of PROTOCOL.md §4.2. A non-nil
 // error means the message was not a JSON object, and the connection must
 // be closed.
 func (s *session) handle(raw []byte) error {
@@ -598,7 +598,7 @@ func (s *session) close(msg clientMessage, now float64) error {
 	a := reg.appLocked(s.appID)
 	if s.mailbox == nil && a.mailboxes[id] != nil {
 		// Closing without having the mailbox open opens it first, as the
-		// reference does, so a third side is refused here too (§4.4).
+		// reference does, so a third side is refused here too (PROTOCOL.md §5.9).
 		if _, err := reg.openLocked(a, id, s.side, now); err != nil {
 			return err
 		}
@@ -615,7 +615,7 @@ func (s *session) close(msg clientMessage, now float64) error {
 }
 
 // disconnected forgets the connection's subscription. Its claims and open
-// mailboxes stay: the client may reconnect and carry on (§3 rule 11).
+// mailboxes stay: the client may reconnect and carry on (PROTOCOL.md §4.1 rule 7).
 func (s *session) disconnected() {
 	reg := s.srv.reg
 	reg.mu.Lock()

@@ -1,6 +1,6 @@
 // usage.go owns what the server reports about its own use: the usage log
 // (--usage-db), a JSON-lines file with the reference's usage records
-// (../shared/protocol.md §8), and the live counters served on the metrics
+// (PROTOCOL.md §11), and the live counters served on the metrics
 // address (--metrics-listen).
 //
 // Usage records are written by their own goroutine from a bounded queue,
@@ -34,7 +34,7 @@ const usageQueueLen = 4096
 // cheap.
 const usageBatchBytes = 64 << 10
 
-// Results of a retired nameplate or mailbox (§8.2, §8.3). Where they
+// Results of a retired nameplate or mailbox (PROTOCOL.md §11.2, §11.1). Where they
 // compete, the later in this list wins: crowded > pruney > scary > errory >
 // lonely > happy.
 const (
@@ -56,11 +56,11 @@ const (
 )
 
 // The usage records. Each is one line of the usage log; Type says which
-// of the reference's tables (§8.6) the line belongs to, and the other
+// of the reference's tables (PROTOCOL.md §11) the line belongs to, and the other
 // fields are that table's columns, in its order and with its names, so an
 // existing analysis maps one to one. Every field is always present; null
 // stands where the reference stores NULL. Times are Unix seconds with a
-// fraction; start times are blurred (§8.5), durations never are.
+// fraction; start times are blurred (PROTOCOL.md §11.5), durations never are.
 
 // nameplateUsage records a retired nameplate.
 type nameplateUsage struct {
@@ -321,7 +321,7 @@ func (u *usageLog) write(rec any) {
 	}
 }
 
-// blurred rounds t down to a multiple of the blur interval (§8.5).
+// blurred rounds t down to a multiple of the blur interval (PROTOCOL.md §11.5).
 func (u *usageLog) blurred(t float64) float64 {
 	if u.blur > 0 {
 		t = float64(u.blur) * math.Floor(t/float64(u.blur))
@@ -330,7 +330,7 @@ func (u *usageLog) blurred(t float64) float64 {
 }
 
 // bound records a client's bind with its client_version, null when the
-// client sent none (§8.4).
+// client sent none (PROTOCOL.md §11.3).
 func (u *usageLog) bound(appID, side string, now float64, impl, version *string) {
 	if u == nil {
 		return
@@ -339,7 +339,7 @@ func (u *usageLog) bound(appID, side string, now float64, impl, version *string)
 		ConnectTime: u.blurred(now), Implementation: impl, Version: version})
 }
 
-// nameplateRetired records a nameplate that was deleted (§8.3): "lonely"
+// nameplateRetired records a nameplate that was deleted (PROTOCOL.md §11.1): "lonely"
 // unless exactly two sides used it ("happy"); "pruney" if it expired; and
 // "crowded", above all, if more than two tried.
 func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pruned bool) {
@@ -365,7 +365,7 @@ func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pr
 		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
 }
 
-// mailboxRetired records a mailbox that was deleted (§8.2). The result is
+// mailboxRetired records a mailbox that was deleted (PROTOCOL.md §11.2). The result is
 // "lonely" for one side and "happy" for more, then overridden by the
 // sides' moods and the server's view, each later rule winning: a "lonely"
 // mood, an "errory" mood, a "scary" mood, expiry ("pruney"), and more than

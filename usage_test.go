@@ -112,7 +112,7 @@ func closeWith(c *testClient, mood string) {
 
 // TestUsageResults drives transfers through the protocol and checks the
 // records written when their nameplate and mailbox are retired: the
-// result rules of §8.2 and §8.3, and the times.
+// result rules of PROTOCOL.md §11.2 and §11.1, and the times.
 func TestUsageResults(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
