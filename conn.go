@@ -413,11 +413,13 @@ func (c *connection) finish(err error) {
 		c.end(closePolicy, errors.New(c.limitErr))
 	case errors.Is(err, errClientClosed):
 		c.end(closeNormal, err)
-	case errors.Is(err, errTooBig):
+	case errors.Is(err, errTooBig), errors.Is(err, errPartialBudget):
 		// Say why before closing: a client that only saw the close would
 		// reconnect and send the same message again.
 		c.enqueue(errorFrame(err.Error(), jsonNull), 0)
 		c.end(closeTooBig, err)
+	case errors.Is(err, errMessageTimeout):
+		c.end(closePolicy, err)
 	case errors.Is(err, errBadInput):
 		c.end(closeBadData, err)
 	case errors.Is(err, errBadFrame):
@@ -439,13 +441,25 @@ func (c *connection) finish(err error) {
 
 // readMessage returns the next whole message, reassembling fragments,
 // answering pings and noting pongs on the way.
+//
+// A frame header reserves nothing: the message grows as its payload
+// arrives (see readPayload), and what it holds counts against the
+// server's budget for partly received messages. Once a message has begun
+// it must be complete within messageTimeout, however many control frames
+// come between its fragments.
 func (c *connection) readMessage() ([]byte, error) {
 	var msg []byte
-	fragmented := false
+	defer c.srv.partial.release(c)
+	started := false
 	for {
-		c.extendReadDeadline()
+		if !started {
+			c.extendReadDeadline()
+		}
 		h, err := peekFrameHeader(c.br)
 		if err != nil {
+			if started && isTimeout(err) {
+				return nil, errMessageTimeout
+			}
 			return nil, err
 		}
 		control := h.opcode >= websocket.CloseFrame
@@ -454,12 +468,16 @@ func (c *connection) readMessage() ([]byte, error) {
 			return nil, errBadFrame
 		case control && (!h.fin || h.length > maxControlPayload || h.opcode > websocket.PongFrame): // 0xB-0xF are reserved
 			return nil, errBadFrame
-		case !control && (h.opcode == websocket.ContinuationFrame) != fragmented:
+		case !control && (h.opcode == websocket.ContinuationFrame) != started:
 			return nil, errBadFrame // a continuation with nothing to continue, or a new message inside one
 		case !control && h.opcode != websocket.ContinuationFrame && h.opcode != websocket.TextFrame && h.opcode != websocket.BinaryFrame:
 			return nil, errBadFrame
 		case !control && int64(len(msg))+h.length > int64(c.srv.maxMessageBytes): // a control frame is no part of the message
 			return nil, errTooBig
+		}
+		if !control && !started {
+			started = true
+			c.setMessageDeadline()
 		}
 		frame, err := c.ws.NewFrameReader() // parses the header again and unmasks the payload
 		if err != nil {
@@ -478,16 +496,42 @@ func (c *connection) readMessage() ([]byte, error) {
 			}
 			continue // a pong needs nothing more: as traffic, it moved the read deadline
 		}
-		start := len(msg)
-		msg = append(msg, make([]byte, h.length)...)
-		if _, err := io.ReadFull(frame, msg[start:]); err != nil {
+		if msg, err = c.readPayload(msg, frame, h.length); err != nil {
+			if isTimeout(err) {
+				return nil, errMessageTimeout
+			}
 			return nil, err
 		}
 		if h.fin {
 			return msg, nil
 		}
-		fragmented = true
 	}
+}
+
+// readPayload appends a frame's n payload bytes to msg. The buffer grows
+// as bytes arrive, at most doubling what has arrived (and never by less
+// than readChunkBytes), so a client holds at most about twice what it has
+// sent, and each growth is charged to the server's budget for partly
+// received messages first.
+func (c *connection) readPayload(msg []byte, frame io.Reader, n int64) ([]byte, error) {
+	for n > 0 {
+		chunk := int(min(n, int64(max(readChunkBytes, len(msg)))))
+		if cap(msg)-len(msg) < chunk {
+			if err := c.srv.partial.charge(c, len(msg)+chunk-cap(msg)); err != nil {
+				return nil, err
+			}
+			grown := make([]byte, len(msg), len(msg)+chunk)
+			copy(grown, msg)
+			msg = grown
+		}
+		start := len(msg)
+		msg = msg[:start+chunk]
+		if _, err := io.ReadFull(frame, msg[start:]); err != nil {
+			return nil, err
+		}
+		n -= int64(chunk)
+	}
+	return msg, nil
 }
 
 // closeReceived checks a client's close frame (RFC 6455 §5.5.1, §7.4): it
@@ -550,6 +594,36 @@ func (c *connection) extendReadDeadline() {
 		c.readSet = now
 		c.netConn.SetReadDeadline(now.Add(c.srv.idleTimeout))
 	}
+}
+
+// setMessageDeadline gives a message that has begun messageTimeout to
+// be complete (or the idle timeout, if sooner), unless the connection is
+// closing. The next extendReadDeadline moves the deadline back.
+func (c *connection) setMessageDeadline() {
+	now := time.Now()
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if !c.closing {
+		deadline := now.Add(c.srv.messageTimeout)
+		if idle := c.readSet.Add(c.srv.idleTimeout); idle.Before(deadline) {
+			deadline = idle
+		}
+		c.readSet = time.Time{}
+		c.netConn.SetReadDeadline(deadline)
+	}
+}
+
+// closeForBudget closes a connection whose partly received message is
+// dropped to make room in the server's budget for them: it is told why,
+// and its reader is given closeTimeout more, so the message's memory is
+// freed soon even if the client reads nothing.
+func (c *connection) closeForBudget() {
+	c.srv.metrics.refused("partly received messages")
+	c.enqueue(errorFrame(errPartialBudget.Error(), jsonNull), 0)
+	c.end(closeTooBig, errPartialBudget)
+	c.outMu.Lock()
+	c.netConn.SetReadDeadline(time.Now().Add(closeTimeout))
+	c.outMu.Unlock()
 }
 
 // ping queues a ping, and schedules the next.

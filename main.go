@@ -21,6 +21,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"expvar"
 	"flag"
 	"fmt"
 	"io"
@@ -501,6 +502,7 @@ type server struct {
 	rebooted        float64
 	pingInterval    time.Duration
 	idleTimeout     time.Duration
+	messageTimeout  time.Duration // see messageTimeout
 	maxMessageBytes int
 	maxOutboxBytes  int
 	clock           func() time.Time
@@ -509,6 +511,9 @@ type server struct {
 	// bounded by maxOutboxTotalBytes (see connection.reserveLocked).
 	outboxBytes         atomic.Int64
 	maxOutboxTotalBytes int64
+
+	// partial is the budget for partly received messages (limits.go).
+	partial *partialBudget
 
 	proxyHint sync.Once // the warning about loopback clients is logged once
 
@@ -535,6 +540,7 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		blurLogs:            cfg.blurUsage >= 0,
 		pingInterval:        pingInterval,
 		idleTimeout:         idleTimeout,
+		messageTimeout:      messageTimeout,
 		maxMessageBytes:     cfg.maxMessageBytes,
 		maxOutboxBytes:      max(maxOutboxBytes, 2*cfg.limits.MaxMailboxBytes), // a full mailbox's replay fits
 		maxOutboxTotalBytes: maxOutboxTotalBytes,
@@ -542,6 +548,8 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		conns:               make(map[*connection]struct{}),
 	}
 	srv.rebooted = srv.now()
+	srv.partial = newPartialBudget(maxPartialBytesTotal, (*connection).closeForBudget)
+	m.vars.Set("partial_message_bytes", expvar.Func(func() any { return srv.partial.bytes() }))
 	var usage *usageLog
 	if cfg.usageDB != "" {
 		var err error
