@@ -185,6 +185,7 @@ type connection struct {
 	batch    batch         // where ws writes frames to
 	handover handedOver    // the connection as ws sees it
 	limitErr string        // why the client may not stay, if over a limit
+	byHeader bool          // counted by the limiter, by the address a trusted proxy reported
 	openedAt time.Time
 
 	// outMu guards the outbox and the fields after it.
@@ -234,7 +235,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
 	c.session = session{srv: srv, out: c, addr: addr}
 	c.batch.conn, c.handover.Conn = netConn, netConn
-	c.limitErr = srv.admit(c)
+	c.limitErr = srv.admit(c, slotOf(netConn))
 
 	// The handshake response and the welcome are written to a batch and
 	// leave together when the handshake is done.
@@ -518,6 +519,7 @@ func (c *connection) readPayload(msg []byte, frame io.Reader, n int64) ([]byte, 
 		chunk := int(min(n, int64(max(readChunkBytes, len(msg)))))
 		if cap(msg)-len(msg) < chunk {
 			if err := c.srv.partial.charge(c, len(msg)+chunk-cap(msg)); err != nil {
+				c.srv.metrics.refused("partly received messages")
 				return nil, err
 			}
 			grown := make([]byte, len(msg), len(msg)+chunk)
@@ -624,6 +626,15 @@ func (c *connection) closeForBudget() {
 	c.outMu.Lock()
 	c.netConn.SetReadDeadline(time.Now().Add(closeTimeout))
 	c.outMu.Unlock()
+}
+
+// closeForFairShare closes a connection whose place the gate gives to a
+// client from an address holding less than its share: it is told why,
+// and cut off after closeTimeout if it does not read its close frame.
+func (c *connection) closeForFairShare() {
+	c.enqueue(errorFrame(errFairShare.Error(), jsonNull), 0)
+	c.end(closePolicy, errFairShare)
+	time.AfterFunc(closeTimeout, func() { c.abort(errFairShare) })
 }
 
 // ping queues a ping, and schedules the next.
@@ -750,8 +761,10 @@ func (c *connection) writeBatch(batch []outFrame) error {
 		return err
 	}
 	if closing {
-		if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok {
+		if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok { // TLS
 			cw.CloseWrite()
+		} else if tc := tcpConn(c.netConn); tc != nil {
+			tc.CloseWrite()
 		}
 		c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
 	}
@@ -942,18 +955,17 @@ func logFrame(frame []byte) slog.Attr {
 	return slog.String("frame", string(short))
 }
 
-// limiter enforces the limits on connections and on new nameplates: how
-// many connections may be open at once, from one client address and in
-// all, and how many new nameplates one address may create per minute. An
-// IPv6 client is counted by its /64, since one host usually has a whole
-// /64 to pick addresses from.
+// limiter enforces the limits per client address that the connection
+// gate (limits.go) cannot: how many connections may be open at once from
+// one address a trusted proxy reports (--trust-proxy-header), and how
+// many new nameplates one address may create per minute. An IPv6 client
+// is counted by its /64, since one host usually has a whole /64 to pick
+// addresses from.
 type limiter struct {
 	maxConns  int // per address; 0: no limit
-	maxTotal  int // from all addresses; 0: no limit
 	perMinute int // 0: no limit
 
 	mu        sync.Mutex
-	total     int
 	conns     map[netip.Addr]int
 	buckets   map[netip.Addr]*bucket
 	lastSweep time.Time
@@ -977,8 +989,8 @@ type bucket struct {
 	last   time.Time
 }
 
-func newLimiter(maxConns, maxTotal, perMinute int) *limiter {
-	return &limiter{maxConns: maxConns, maxTotal: maxTotal, perMinute: perMinute,
+func newLimiter(maxConns, perMinute int) *limiter {
+	return &limiter{maxConns: maxConns, perMinute: perMinute,
 		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
 }
 
@@ -999,12 +1011,8 @@ func (l *limiter) connect(ip netip.Addr) string {
 	defer l.mu.Unlock()
 	k := addrKey(ip)
 	l.conns[k]++
-	l.total++
-	switch {
-	case l.maxConns > 0 && l.conns[k] > l.maxConns:
+	if l.maxConns > 0 && l.conns[k] > l.maxConns {
 		return errTooManyConnsFromAddr
-	case l.maxTotal > 0 && l.total > l.maxTotal:
-		return errTooManyConns
 	}
 	return ""
 }
@@ -1013,7 +1021,6 @@ func (l *limiter) disconnect(ip netip.Addr) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	k := addrKey(ip)
-	l.total--
 	if l.conns[k]--; l.conns[k] <= 0 {
 		delete(l.conns, k)
 	}

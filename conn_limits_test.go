@@ -7,10 +7,14 @@
 package main
 
 import (
+	"bufio"
 	"encoding/binary"
 	"encoding/json"
+	"expvar"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -189,4 +193,141 @@ func TestMessageDeadline(t *testing.T) {
 		t.Errorf("close %d, want %d", status, closePolicy)
 	}
 	waitFor(t, "the drop counted", func() bool { return ts.metrics.dropped.Get(errMessageTimeout.Error()) != nil })
+}
+
+// dialTCP opens a plain TCP connection to the server from the address from.
+func dialTCP(t testing.TB, ts *testServer, from string) (net.Conn, error) {
+	d := net.Dialer{Timeout: testTimeout, LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+	c, err := d.Dial("tcp", ts.http.Listener.Addr().String())
+	if err == nil {
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(testTimeout))
+	}
+	return c, err
+}
+
+// TestKeepAliveFlood is the attack of keep-alive HTTP connections to /,
+// which no limit counted: every TCP connection now counts from accept,
+// those over the per-address limit are told 503, those past the
+// descriptors the gate keeps are closed at accept, and a WebSocket client
+// from another address is still served.
+func TestKeepAliveFlood(t *testing.T) {
+	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) {
+		srv.gate.maxPerAddr, srv.gate.maxTotal, srv.gate.maxOpen = 8, 40, 90
+	})
+	status := map[string]int{}
+	for i := range 4 * 32 { // keep-alive requests from 4 addresses, four times their limit each
+		c, err := dialTCP(t, ts, fmt.Sprintf("127.0.0.%d", 2+i%4))
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		resp.Body.Close()
+		status[resp.Status]++
+	}
+	for i := range 4 * 32 { // and connections that send nothing, address by address
+		if _, err := dialTCP(t, ts, fmt.Sprintf("127.0.0.%d", 2+i/32)); err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+	}
+	waitFor(t, "every connection accepted", func() bool {
+		n := 0
+		for _, what := range []string{"connections per address", "connections at accept (refused too often)", "connections at accept (descriptors)"} {
+			if v, ok := ts.metrics.refusals.Get(what).(*expvar.Int); ok {
+				n += int(v.Value())
+			}
+		}
+		return n >= 4*32*2-4*8
+	})
+	admitted, open := ts.gate.counts()
+	t.Logf("%d connections from 4 addresses: answers %v; the gate counts %d admitted, %d open; refusals %v",
+		4*32*2, status, admitted, open, ts.metrics.refusals.String())
+	if admitted != 4*8 || open > ts.gate.maxOpen {
+		t.Errorf("the gate counts %d admitted and %d open, want %d and at most %d", admitted, open, 4*8, ts.gate.maxOpen)
+	}
+	if status["200 OK"] != 4*8 || status["503 Service Unavailable"] != 4*24 {
+		t.Errorf("answers %v: want 32 served and 96 refused with 503", status)
+	}
+	for _, what := range []string{"connections at accept (refused too often)", "connections at accept (descriptors)"} {
+		if ts.metrics.refusals.Get(what) == nil {
+			t.Errorf("no refusal counted for %q", what)
+		}
+	}
+	// A transfer from two other addresses, while the attackers' idle
+	// connections are still open.
+	var pair [2]*testClient
+	for i := range pair {
+		c, w := mustDialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", 20+i)})
+		if e := welcomeError(w); e != "" {
+			t.Fatalf("victim %d refused: %s", i, e)
+		}
+		c.bind("victim", fmt.Sprint("side-", i))
+		c.expect(`{"type": "open", "mailbox": "pair"}`)
+		pair[i] = c
+	}
+	exchange(t, pair[0], pair[1], 3)
+}
+
+// TestFairShare is the attack of a few addresses filling the total with
+// WebSocket connections: a newcomer from another address is admitted by
+// closing a connection of the address holding the most, which is told
+// why; a newcomer from an address holding its share or more is refused.
+func TestFairShare(t *testing.T) {
+	if defaultMaxConnsPerAddr*64 >= defaultMaxConns {
+		t.Errorf("64 addresses of %d connections fill the %d total", defaultMaxConnsPerAddr, defaultMaxConns)
+	}
+	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) {
+		srv.gate.maxPerAddr, srv.gate.maxTotal = 10, 24
+	})
+	var attackers []*testClient
+	for i := range 24 { // 3 addresses of 8: full
+		c, w := mustDialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", 2+i%3)})
+		if welcomeError(w) != "" {
+			t.Fatalf("attacker %d: %v", i, w)
+		}
+		attackers = append(attackers, c)
+	}
+	if _, w := mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.2"}); welcomeError(w) != string(errTooManyConns) {
+		t.Errorf("an attacker's address over its share: welcome %v", w)
+	}
+	a, w := mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.30"})
+	if welcomeError(w) != "" {
+		t.Fatalf("a newcomer from another address: welcome %v", w)
+	}
+	b, w := mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.31"})
+	if welcomeError(w) != "" {
+		t.Fatalf("a second newcomer: welcome %v", w)
+	}
+	waitFor(t, "two attackers' connections closed", func() bool { n, _ := ts.gate.counts(); return n == 24 })
+	waitFor(t, "the closed ones untracked", func() bool {
+		ts.connsMu.Lock()
+		defer ts.connsMu.Unlock()
+		return len(ts.conns) == 24
+	})
+	closed := 0
+	for _, c := range attackers {
+		if ts.findServerSide(c) != nil {
+			continue
+		}
+		closed++
+		status, errs, err := readClose(c)
+		if err != nil || status != closePolicy || len(errs) != 1 || errs[0] != errFairShare.Error() {
+			t.Errorf("a closed attacker got close %d (%v) after %q, want %d after %q", status, err, errs, closePolicy, errFairShare)
+		}
+	}
+	if closed != 2 {
+		t.Errorf("%d attackers' connections closed, want 2", closed)
+	}
+	a.bind("victim", "a")
+	b.bind("victim", "b")
+	a.expect(`{"type": "open", "mailbox": "pair"}`)
+	b.expect(`{"type": "open", "mailbox": "pair"}`)
+	exchange(t, a, b, 3)
+	if got := ts.metrics.refusals.Get("connections closed for a fair share"); got == nil || got.String() != "2" {
+		t.Errorf("fair-share closes counted: %v, want 2", got)
+	}
 }

@@ -4,8 +4,12 @@
 package main
 
 import (
+	"crypto/tls"
 	"errors"
+	"net"
+	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -107,4 +111,283 @@ func (b *partialBudget) bytes() int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.total
+}
+
+// Connection gate limits. Tests may set smaller ones on the gate.
+const (
+	// fdHeadroom is how many file descriptors the gate keeps free below
+	// the process's limit (RLIMIT_NOFILE): for the journal and its
+	// compaction, the usage log, the metrics listener and its clients,
+	// so that accept never fails for want of one and /healthz answers.
+	fdHeadroom = 128
+
+	// fdRefusalRoom is how many descriptors, beyond the total connection
+	// cap, are left for connections accepted only to be told they are
+	// refused (a WebSocket client's welcome error, an HTTP 503). If the
+	// descriptor limit leaves less, the total cap is lowered to fit.
+	fdRefusalRoom = 512
+
+	// refusalTimeout is how long a refused connection is kept open to be
+	// told why: time for a client to send its opening request and read
+	// the answer, not the whole readHeaderTimeout.
+	refusalTimeout = 5 * time.Second
+
+	// maxRefusedPerAddr is how many connections over its limit one
+	// address may have open while they are told why; more are closed as
+	// they are accepted, without a word, so that one address cannot take
+	// the descriptors kept for telling others.
+	maxRefusedPerAddr = 16
+)
+
+// errFairShare is what a WebSocket connection is told when it is closed
+// to make room for a client from an address holding less than its share.
+var errFairShare = errors.New("the server is full; a connection from your address was closed to make room for others")
+
+// connGate counts every TCP connection from the moment it is accepted
+// (plain HTTP, keep-alive, WebSocket handshakes, TLS handshakes, and
+// WebSocket connections until they end), per client address and in all.
+//
+// When the total is reached, an address's share is the total divided by
+// the number of addresses holding connections (the newcomer's counted).
+// A newcomer from an address holding less than its share is admitted by
+// closing a connection of the address holding the most; so no set of
+// addresses can keep another out, however many connections they open.
+// A newcomer whose address holds its share or more is refused.
+type connGate struct {
+	maxPerAddr int // 0: none (behind a trusted proxy every client shares its address)
+	maxTotal   int // 0: none
+	maxOpen    int // descriptors: every accepted connection, refused ones too; 0: none
+
+	metrics *metrics
+
+	mu      sync.Mutex
+	total   int // admitted connections
+	open    int // accepted connections not yet closed
+	holding int // addresses with admitted connections
+	addrs   map[netip.Addr]*addrConns
+}
+
+// addrConns is what one address has open.
+type addrConns struct {
+	admitted map[*connSlot]struct{}
+	refused  int // accepted only to be told they are refused
+}
+
+func newConnGate(maxPerAddr, maxTotal, maxOpen int, m *metrics) *connGate {
+	return &connGate{maxPerAddr: maxPerAddr, maxTotal: maxTotal, maxOpen: maxOpen, metrics: m, addrs: make(map[netip.Addr]*addrConns)}
+}
+
+// connSlot is an accepted connection as the gate counts it: closing it
+// gives its place back.
+type connSlot struct {
+	net.Conn
+	gate    *connGate
+	key     netip.Addr
+	refused string // why the connection may not stay; "" if admitted
+
+	until   time.Time // a refused connection's deadline (see refusalTimeout)
+
+	evicted bool                   // under gate.mu: closed to make room, no longer counted
+	onEvict atomic.Pointer[func()] // how to close it to make room; by default, at once
+	once    sync.Once
+}
+
+// Close closes the connection and gives its place back.
+func (s *connSlot) Close() error {
+	s.once.Do(s.gate.closed(s))
+	return s.Conn.Close()
+}
+
+// SetDeadline, SetReadDeadline and SetWriteDeadline keep a refused
+// connection's deadlines no later than its refusal deadline.
+func (s *connSlot) SetDeadline(t time.Time) error      { return s.Conn.SetDeadline(s.clamp(t)) }
+func (s *connSlot) SetReadDeadline(t time.Time) error  { return s.Conn.SetReadDeadline(s.clamp(t)) }
+func (s *connSlot) SetWriteDeadline(t time.Time) error { return s.Conn.SetWriteDeadline(s.clamp(t)) }
+
+func (s *connSlot) clamp(t time.Time) time.Time {
+	if !s.until.IsZero() && (t.IsZero() || t.After(s.until)) {
+		return s.until
+	}
+	return t
+}
+
+// setEvict says how to close the connection if its place is needed.
+func (s *connSlot) setEvict(f func()) { s.onEvict.Store(&f) }
+
+func (s *connSlot) evict() {
+	if f := s.onEvict.Load(); f != nil {
+		(*f)()
+		return
+	}
+	s.Conn.Close()
+}
+
+// accept counts a connection just accepted. It returns nil if the
+// connection is to be closed at once: there is no descriptor to spare,
+// or its address already has maxRefusedPerAddr being refused.
+func (g *connGate) accept(c net.Conn) *connSlot {
+	var ip netip.Addr
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		ip, _ = netip.AddrFromSlice(ta.IP)
+	}
+	s := &connSlot{Conn: c, gate: g, key: addrKey(ip.Unmap())}
+	if g.maxPerAddr == 0 {
+		s.key = netip.Addr{} // behind a proxy: one address for all
+	}
+	var victim *connSlot
+	defer func() {
+		if victim != nil {
+			victim.evict() // it takes the connection's own lock: not under g.mu
+		}
+	}()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.maxOpen > 0 && g.open >= g.maxOpen { // only connections closed to make room, still closing, can bring it here
+		g.metrics.refused("connections at accept (descriptors)")
+		return nil
+	}
+	a := g.addrs[s.key]
+	if a == nil {
+		a = &addrConns{admitted: make(map[*connSlot]struct{})}
+		g.addrs[s.key] = a
+	}
+	held := len(a.admitted)
+	switch {
+	case g.maxPerAddr > 0 && held >= g.maxPerAddr:
+		s.refused = errTooManyConnsFromAddr
+		g.metrics.refused("connections per address")
+	case g.maxTotal > 0 && g.total >= g.maxTotal:
+		holding := g.holding
+		if held == 0 {
+			holding++
+		}
+		if held >= g.maxTotal/holding {
+			s.refused = errTooManyConns
+			g.metrics.refused("connections")
+			break
+		}
+		var top *addrConns
+		for _, b := range g.addrs {
+			if top == nil || len(b.admitted) > len(top.admitted) {
+				top = b
+			}
+		}
+		if top == a { // cannot be, as the total is reached and a holds less than its share
+			s.refused = errTooManyConns
+			g.metrics.refused("connections")
+			break
+		}
+		for v := range top.admitted {
+			victim = v
+			break
+		}
+		g.removeLocked(victim, top)
+		victim.evicted = true
+		g.metrics.refused("connections closed for a fair share")
+	}
+	if s.refused != "" {
+		why := ""
+		switch {
+		case a.refused >= maxRefusedPerAddr:
+			why = "connections at accept (refused too often)"
+		case g.maxOpen > 0 && g.open-g.total >= g.maxOpen-g.maxTotal: // what is left is for admitted connections
+			why = "connections at accept (descriptors)"
+		}
+		if why != "" {
+			g.metrics.refused(why)
+			if held == 0 && a.refused == 0 {
+				delete(g.addrs, s.key)
+			}
+			return nil
+		}
+		a.refused++
+		s.until = time.Now().Add(refusalTimeout)
+		s.Conn.SetDeadline(s.until)
+	} else {
+		if held == 0 {
+			g.holding++
+		}
+		a.admitted[s] = struct{}{}
+		g.total++
+	}
+	g.open++
+	return s
+}
+
+// removeLocked stops counting an admitted connection.
+func (g *connGate) removeLocked(s *connSlot, a *addrConns) {
+	delete(a.admitted, s)
+	g.total--
+	if len(a.admitted) == 0 {
+		g.holding--
+	}
+}
+
+// closed returns what gives a closing connection's place back.
+func (g *connGate) closed(s *connSlot) func() {
+	return func() {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		g.open--
+		a := g.addrs[s.key]
+		switch {
+		case s.refused != "":
+			a.refused--
+		case !s.evicted:
+			g.removeLocked(s, a)
+		}
+		if len(a.admitted) == 0 && a.refused == 0 {
+			delete(g.addrs, s.key)
+		}
+	}
+}
+
+// counts are the gate's counters: admitted connections, and accepted
+// connections not yet closed.
+func (g *connGate) counts() (admitted, open int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.total, g.open
+}
+
+// gatedListener is the server's listener: every connection it accepts is
+// counted by the gate until it is closed.
+type gatedListener struct {
+	net.Listener
+	gate *connGate
+}
+
+func (l gatedListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if s := l.gate.accept(c); s != nil {
+			return s, nil
+		}
+		c.Close()
+	}
+}
+
+// slotOf returns the gate's record of a connection net/http serves (TLS
+// or not), or nil if it was not accepted through the gate.
+func slotOf(c net.Conn) *connSlot {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	s, _ := c.(*connSlot)
+	return s
+}
+
+// tcpConn returns the TCP connection under c, or nil.
+func tcpConn(c net.Conn) *net.TCPConn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	if s, ok := c.(*connSlot); ok {
+		c = s.Conn
+	}
+	tc, _ := c.(*net.TCPConn)
+	return tc
 }
