@@ -200,6 +200,11 @@ type connection struct {
 	endReason error         // why the server ended the connection, if it did
 	pinger    *time.Timer   // sends the next keepalive ping
 	readSet   time.Time     // when the read deadline was last moved
+	heldBytes int           // queued while a message was handled: the work it caused
+
+	// The command budget (see takeCommand); only the reader uses it.
+	tokens   float64
+	tokensAt time.Time
 }
 
 // serveWebSocket upgrades a request on /v1 to a WebSocket connection and
@@ -385,7 +390,42 @@ func (c *connection) received(msg []byte) error {
 	if c.isClosing() {
 		return nil // the server has said goodbye: nothing it did now could be answered
 	}
-	return c.handle(msg)
+	if !c.takeCommand(1) {
+		c.srv.metrics.refused("commands per connection")
+		c.enqueue(errorFrame(errCommandRate.Error(), jsonNull), 0)
+		return errCommandRate
+	}
+	err := c.handle(msg)
+	c.outMu.Lock()
+	caused := c.heldBytes // what the command had sent to this client: its work
+	c.heldBytes = 0
+	c.outMu.Unlock()
+	c.takeCommand(float64(caused / commandBytesPerToken))
+	return err
+}
+
+// takeCommand takes n tokens from the connection's command budget, a
+// token bucket of commandBurst tokens refilled at the server's
+// commandsPerSecond. It reports whether the bucket had any left to take
+// from; a command that costs more than is left takes it into debt, which
+// the next commands wait out.
+func (c *connection) takeCommand(n float64) bool {
+	rate := c.srv.commandsPerSecond
+	if rate <= 0 {
+		return true
+	}
+	now := time.Now()
+	if c.tokensAt.IsZero() {
+		c.tokens = commandBurst
+	} else {
+		c.tokens = min(commandBurst, c.tokens+now.Sub(c.tokensAt).Seconds()*rate)
+	}
+	c.tokensAt = now
+	if c.tokens < 1 && n > 0 {
+		return false
+	}
+	c.tokens -= n
+	return true
 }
 
 // isClosing reports whether the connection is going away (a close frame is
@@ -419,7 +459,7 @@ func (c *connection) finish(err error) {
 		// reconnect and send the same message again.
 		c.enqueue(errorFrame(err.Error(), jsonNull), 0)
 		c.end(closeTooBig, err)
-	case errors.Is(err, errMessageTimeout):
+	case errors.Is(err, errMessageTimeout), errors.Is(err, errCommandRate):
 		c.end(closePolicy, err)
 	case errors.Is(err, errBadInput):
 		c.end(closeBadData, err)
@@ -663,6 +703,9 @@ func (c *connection) queue(f outFrame) {
 	if err := c.reserveLocked(len(f.data)); err != nil {
 		c.failLocked(err)
 		return
+	}
+	if c.held {
+		c.heldBytes += len(f.data)
 	}
 	c.outbox = append(c.outbox, f)
 	c.outBytes += len(f.data)

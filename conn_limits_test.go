@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -329,5 +330,89 @@ func TestFairShare(t *testing.T) {
 	exchange(t, a, b, 3)
 	if got := ts.metrics.refusals.Get("connections closed for a fair share"); got == nil || got.String() != "2" {
 		t.Errorf("fair-share closes counted: %v, want 2", got)
+	}
+}
+
+// floodCommands sends n pings without waiting and counts the pongs that
+// come back before the server's error and close.
+func floodCommands(t testing.TB, c *testClient, n int) (pongs int, errs []string, status int) {
+	t.Helper()
+	go func() {
+		for i := range n {
+			c.raw.SetWriteDeadline(time.Now().Add(testTimeout))
+			if _, err := c.ws.Write([]byte(fmt.Sprintf(`{"type": "ping", "ping": %d}`, i))); err != nil {
+				return
+			}
+		}
+	}()
+	c.raw.SetReadDeadline(time.Now().Add(testTimeout))
+	for {
+		fr, err := c.ws.NewFrameReader()
+		if err != nil {
+			t.Fatalf("reading: %v", err)
+		}
+		payload, _ := io.ReadAll(fr)
+		if fr.PayloadType() == websocket.CloseFrame {
+			return pongs, errs, int(binary.BigEndian.Uint16(payload))
+		}
+		var m msg
+		json.Unmarshal(payload, &m)
+		switch m.typ() {
+		case "pong":
+			pongs++
+		case "error":
+			errs = append(errs, m.str("error"))
+		}
+	}
+}
+
+// TestCommandBudget is the attack of a connection sending commands as
+// fast as it can: past its burst it is told why and closed, while a
+// transfer on other connections goes on.
+func TestCommandBudget(t *testing.T) {
+	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) { srv.commandsPerSecond = commandsPerSecond })
+	a, b := openPair(t, ts, "victim")
+	var flooders []*testClient
+	for i := range 4 {
+		c, _ := mustDialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", 2+i)})
+		flooders = append(flooders, c)
+	}
+	for _, c := range flooders {
+		pongs, errs, status := floodCommands(t, c, 10_000)
+		t.Logf("a flood of 10,000 pings: %d answered, then %q and close %d", pongs, errs, status)
+		if pongs > commandBurst+10 || status != closePolicy || len(errs) != 1 || errs[0] != errCommandRate.Error() {
+			t.Errorf("%d pongs, errors %q, close %d: want at most about %d, then %q and %d", pongs, errs, status, commandBurst, errCommandRate, closePolicy)
+		}
+	}
+	exchange(t, a, b, 3)
+	if ts.metrics.refusals.Get("commands per connection") == nil {
+		t.Error("no refusal counted")
+	}
+}
+
+// TestCommandPrice checks that a command is priced by the work it
+// causes: re-opening a full mailbox, whose messages are all sent again,
+// takes much of the burst.
+func TestCommandPrice(t *testing.T) {
+	cfg := testConfig()
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.commandsPerSecond = commandsPerSecond })
+	add := fmt.Sprintf(`{"type": "add", "phase": "p", "body": "%s"}`, strings.Repeat("ab", 16<<10))
+	var w *testClient
+	for i := range cfg.limits.MaxMailboxBytes / (33 << 10) { // a full mailbox, in 33 KiB messages, 8 a connection
+		if i%8 == 0 {
+			w, _ = ts.dial(t)
+			w.bind("app", "w")
+			w.send(`{"type": "open", "mailbox": "big"}`)
+			w.sync() // the replay of what is there
+		}
+		w.expect(add, "message")
+	}
+	r, _ := mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.2"})
+	r.bind("app", "r")
+	r.send(`{"type": "open", "mailbox": "big"}`)
+	pongs, _, status := floodCommands(t, r, 1000)
+	t.Logf("after re-opening a mailbox of %d KiB, %d pings answered", cfg.limits.MaxMailboxBytes>>10, pongs)
+	if want := commandBurst - cfg.limits.MaxMailboxBytes/commandBytesPerToken/2; pongs > want || status != closePolicy {
+		t.Errorf("%d pings answered after the re-open (close %d), want at most %d", pongs, status, want)
 	}
 }

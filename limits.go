@@ -35,6 +35,29 @@ const (
 	messageTimeout = 30 * time.Second
 )
 
+// The command budget of every connection (see connection.takeCommand).
+const (
+	// commandsPerSecond is how fast a connection's budget refills. A
+	// transfer takes about a dozen commands (the load tool's, 12), a
+	// Dilation session a few a minute; a client flooding pings took
+	// 115,000 a second and slowed everyone.
+	commandsPerSecond = 20
+
+	// commandBurst is how many commands a connection may send at once:
+	// several transfers' worth, so no real client waits.
+	commandBurst = 100
+
+	// commandBytesPerToken prices a command by the work it causes: one
+	// token more for every this many bytes it sends back, so a "list" of
+	// a full app or the re-"open" of a full mailbox (its replay) costs
+	// what it does, and an "add" a little more than a "ping".
+	commandBytesPerToken = 16 << 10
+)
+
+// errCommandRate is what a client that sends commands faster than its
+// budget allows is told, before its connection is closed.
+var errCommandRate = errors.New("too many commands on this connection, slow down")
+
 // errPartialBudget is why a connection is closed when the budget for
 // partly received messages is used up and it holds the most of it.
 var errPartialBudget = errors.New("the server is receiving too many large messages, try again later")
@@ -185,7 +208,7 @@ type connSlot struct {
 	key     netip.Addr
 	refused string // why the connection may not stay; "" if admitted
 
-	until   time.Time // a refused connection's deadline (see refusalTimeout)
+	until time.Time // a refused connection's deadline (see refusalTimeout)
 
 	evicted bool                   // under gate.mu: closed to make room, no longer counted
 	onEvict atomic.Pointer[func()] // how to close it to make room; by default, at once

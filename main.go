@@ -114,25 +114,26 @@ func main() {
 
 // config is everything the command line sets.
 type config struct {
-	port             string
-	channelDB        string
-	fsync            bool
-	usageDB          string
-	blurUsage        int
-	welcome          welcomeInfo
-	allowList        bool
-	metricsListen    string
-	trustProxyHeader string
-	tlsCert, tlsKey  string
-	logFormat        string
-	logMessages      bool
-	limits           limits
-	maxMessageBytes  int
-	maxConnsPerAddr  int
-	maxConns         int
-	nameplatesPerMin int
-	pruneInterval    time.Duration // pruneInterval unless a test sets another
-	channelExpiry    time.Duration // channelExpiry unless a test sets another
+	port              string
+	channelDB         string
+	fsync             bool
+	usageDB           string
+	blurUsage         int
+	welcome           welcomeInfo
+	allowList         bool
+	metricsListen     string
+	trustProxyHeader  string
+	tlsCert, tlsKey   string
+	logFormat         string
+	logMessages       bool
+	limits            limits
+	maxMessageBytes   int
+	maxConnsPerAddr   int
+	maxConns          int
+	nameplatesPerMin  int
+	commandsPerSecond int
+	pruneInterval     time.Duration // pruneInterval unless a test sets another
+	channelExpiry     time.Duration // channelExpiry unless a test sets another
 }
 
 // run is the whole program; main only supplies the process's context,
@@ -302,6 +303,7 @@ server's where it has them.
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.commandsPerSecond, "max-commands-per-second", commandsPerSecond, "most commands per second one connection may send, after a burst of "+strconv.Itoa(commandBurst)+"; 0: no limit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
 	if err := fs.Parse(args); err != nil {
@@ -342,6 +344,7 @@ server's where it has them.
 		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
 		{"max-connections", int64(cfg.maxConns), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
+		{"max-commands-per-second", int64(cfg.commandsPerSecond), 0},
 	} {
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
@@ -497,18 +500,21 @@ type server struct {
 	stopPruning context.CancelFunc
 	pruned      chan struct{} // closed when the prune loop has stopped
 
-	welcome         welcomeInfo
-	serverHeader    string
-	trustHeader     string
-	logMessages     bool
-	blurLogs        bool // --blur-usage: log no client addresses
-	rebooted        float64
-	pingInterval    time.Duration
-	idleTimeout     time.Duration
-	messageTimeout  time.Duration // see messageTimeout
-	maxMessageBytes int
-	maxOutboxBytes  int
-	clock           func() time.Time
+	welcome        welcomeInfo
+	serverHeader   string
+	trustHeader    string
+	logMessages    bool
+	blurLogs       bool // --blur-usage: log no client addresses
+	rebooted       float64
+	pingInterval   time.Duration
+	idleTimeout    time.Duration
+	messageTimeout time.Duration // see messageTimeout
+	// commandsPerSecond refills each connection's command budget
+	// (--max-commands-per-second); 0: no limit.
+	commandsPerSecond float64
+	maxMessageBytes   int
+	maxOutboxBytes    int
+	clock             func() time.Time
 
 	// outboxBytes is what waits to be written to all clients together,
 	// bounded by maxOutboxTotalBytes (see connection.reserveLocked).
@@ -544,6 +550,7 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		pingInterval:        pingInterval,
 		idleTimeout:         idleTimeout,
 		messageTimeout:      messageTimeout,
+		commandsPerSecond:   float64(cfg.commandsPerSecond),
 		maxMessageBytes:     cfg.maxMessageBytes,
 		maxOutboxBytes:      max(maxOutboxBytes, 2*cfg.limits.MaxMailboxBytes), // a full mailbox's replay fits
 		maxOutboxTotalBytes: maxOutboxTotalBytes,
