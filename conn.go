@@ -78,6 +78,14 @@ const (
 	// disconnected. Small, because every connection may use it.
 	outboxReserveBytes = 8 << 10
 
+	// socketSendBuffer sizes each connection's kernel send buffer (the
+	// kernel doubles it for its own bookkeeping). Left to the kernel's
+	// autotuning it grows to megabytes for a client that stops reading,
+	// out of reach of the outbox bounds; this is room for a step of a
+	// transfer, and at 100 ms round trip still carries a full mailbox's
+	// replay in about two seconds.
+	socketSendBuffer = 32 << 10
+
 	// writeTimeout is how long one frame may take to write. A client that
 	// reads slower than this is disconnected.
 	writeTimeout = 10 * time.Second
@@ -191,16 +199,18 @@ type connection struct {
 	// outMu guards the outbox and the fields after it.
 	outMu     sync.Mutex
 	outbox    []outFrame
-	outBytes  int           // the sizes of the frames in outbox
-	sending   int           // the sizes of the frames the writer is writing
-	flushing  bool          // a writer goroutine is running
-	held      bool          // a message of this client's is being handled: the writer waits (see hold)
-	closing   bool          // a close frame is queued, or the connection failed: queue nothing more
-	flushDone chan struct{} // closed when the writer exits, if someone waits
-	endReason error         // why the server ended the connection, if it did
-	pinger    *time.Timer   // sends the next keepalive ping
-	readSet   time.Time     // when the read deadline was last moved
-	heldBytes int           // queued while a message was handled: the work it caused
+	outBytes  int             // the sizes of the frames in outbox
+	sending   int             // the sizes of the frames the writer is writing
+	flushing  bool            // a writer goroutine is running
+	held      bool            // a message of this client's is being handled: the writer waits (see hold)
+	closing   bool            // a close frame is queued, or the connection failed: queue nothing more
+	flushDone chan struct{}   // closed when the writer exits, if someone waits
+	endReason error           // why the server ended the connection, if it did
+	pinger    *time.Timer     // sends the next keepalive ping
+	readSet   time.Time       // when the read deadline was last moved
+	heldBytes int             // queued while a message was handled: the work it caused
+	queued    int             // in the socket's kernel send buffer when last read (see refreshQueuedLocked)
+	rawConn   syscall.RawConn // the socket, to ask the kernel about it; nil if not TCP
 
 	// The command budget (see takeCommand); only the reader uses it.
 	tokens   float64
@@ -240,6 +250,10 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
 	c.session = session{srv: srv, out: c, addr: addr}
 	c.batch.conn, c.handover.Conn = netConn, netConn
+	if tc := tcpConn(netConn); tc != nil {
+		tc.SetWriteBuffer(socketSendBuffer)
+		c.rawConn, _ = tc.SyscallConn()
+	}
 	c.limitErr = srv.admit(c, slotOf(netConn))
 
 	// The handshake response and the welcome are written to a batch and
@@ -471,6 +485,10 @@ func (c *connection) finish(err error) {
 		c.abort(readFailure(err)) // the client went away, or the server cut it off
 	}
 	c.waitFlushed()
+	c.outMu.Lock()
+	c.closing = true // nothing more is queued, and the send buffer is no longer counted
+	c.forgetQueuedLocked()
+	c.outMu.Unlock()
 	c.linger()
 	reason := c.reason()
 	if reason != nil && !errors.Is(reason, errClientClosed) && !errors.Is(reason, errClientGone) {
@@ -716,18 +734,52 @@ func (c *connection) queue(f outFrame) {
 }
 
 // reserveLocked counts n more bytes waiting for this client, against its
-// own limit and, beyond its reserve, the server's.
+// own limit and, beyond its reserve, the server's. What waits includes
+// what the kernel still holds in the socket's send buffer (see
+// refreshQueuedLocked), read again before a reservation is refused, as
+// the client may have read it since.
 func (c *connection) reserveLocked(n int) error {
-	held := c.outBytes + c.sending
-	if held+n > c.srv.maxOutboxBytes {
-		return errSlowClient
-	}
-	total := c.srv.outboxBytes.Add(int64(n))
-	if held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes {
+	for refreshed := false; ; refreshed = true {
+		held := c.outBytes + c.sending + c.queued
+		total := c.srv.outboxBytes.Add(int64(n))
+		err := error(nil)
+		switch {
+		case held+n > c.srv.maxOutboxBytes:
+			err = errSlowClient
+		case held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes:
+			err = errOutboxesFull
+		}
+		if err == nil {
+			return nil
+		}
 		c.srv.outboxBytes.Add(-int64(n))
-		return errOutboxesFull
+		if refreshed || c.queued == 0 {
+			return err
+		}
+		c.refreshQueuedLocked()
 	}
-	return nil
+}
+
+// refreshQueuedLocked reads how many bytes the kernel still holds in the
+// socket's send buffer for this client (sent but not acknowledged, or not
+// yet sent), and counts them as waiting. A client that stops reading
+// fills its socket's buffer before its outbox, and the kernel accepts
+// writes into it; uncounted, 768 such clients pinned 736 MiB of kernel
+// memory.
+func (c *connection) refreshQueuedLocked() {
+	if c.rawConn == nil || c.closing {
+		return
+	}
+	q := sendQueued(c.rawConn)
+	c.srv.outboxBytes.Add(int64(q - c.queued))
+	c.queued = q
+}
+
+// forgetQueuedLocked stops counting the socket's send buffer: the
+// connection is closing.
+func (c *connection) forgetQueuedLocked() {
+	c.srv.outboxBytes.Add(-int64(c.queued))
+	c.queued = 0
 }
 
 // hold keeps the writer from taking frames until release. While a client
@@ -781,6 +833,8 @@ func (c *connection) flush() {
 		c.sending = 0
 		if err != nil {
 			c.failLocked(writeFailure(err))
+		} else {
+			c.refreshQueuedLocked()
 		}
 		c.outMu.Unlock()
 	}
@@ -897,6 +951,7 @@ func (c *connection) failLocked(reason error) {
 	c.closing = true
 	c.srv.outboxBytes.Add(-int64(c.outBytes))
 	c.outbox, c.outBytes = nil, 0
+	c.forgetQueuedLocked()
 	go c.netConn.Close() // Close never blocks, but the caller may hold the registry lock
 }
 

@@ -416,3 +416,50 @@ func TestCommandPrice(t *testing.T) {
 		t.Errorf("%d pings answered after the re-open (close %d), want at most %d", pongs, status, want)
 	}
 }
+
+// TestKernelBuffersCounted is the attack of subscribers that never read:
+// what the kernel holds in their sockets' send buffers counts against the
+// outbox bounds, so they are disconnected instead of pinning kernel
+// memory, and a transfer elsewhere goes on.
+func TestKernelBuffersCounted(t *testing.T) {
+	cfg := testConfig()
+	cfg.limits.MaxMailboxBytes, cfg.limits.MaxStoredBytes, cfg.limits.MaxMessagesPerMailbox = 64<<20, 64<<20, 100_000
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) { srv.maxOutboxTotalBytes = 256 << 10 })
+	w, _ := ts.dial(t)
+	w.bind("app", "w")
+	w.expect(`{"type": "open", "mailbox": "mb"}`)
+	var subs []*connection
+	for i := range 8 {
+		s, _ := mustDialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", 2+i%4), small: true})
+		s.bind("app", "s")
+		s.expect(`{"type": "open", "mailbox": "mb"}`)
+		subs = append(subs, ts.serverSide(t, s)) // from here on, it reads nothing
+	}
+	p, q := openPair(t, ts, "other")
+	add := fmt.Sprintf(`{"type": "add", "phase": "p", "body": "%s"}`, strings.Repeat("ab", 2<<10))
+	maxQueued := 0
+	for i := 0; ; i++ {
+		if i == 4000 {
+			t.Fatal("the subscribers that never read were never disconnected")
+		}
+		w.expect(add, "message")
+		gone := 0
+		for _, sc := range subs {
+			sc.outMu.Lock()
+			maxQueued = max(maxQueued, sc.queued)
+			sc.outMu.Unlock()
+			if _, reason := sc.outboxState(); reason != nil {
+				gone++
+			}
+		}
+		if gone == len(subs) {
+			break
+		}
+	}
+	t.Logf("8 subscribers that never read: disconnected, the most a socket's send buffer held was %d KiB", maxQueued>>10)
+	if maxQueued == 0 {
+		t.Error("no socket's send buffer was ever counted")
+	}
+	exchange(t, p, q, 3)
+	ts.stopAndCheckOutboxes(t)
+}
