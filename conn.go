@@ -271,7 +271,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		srv.release(c)
 		srv.connWG.Done()
 		if c.ws != nil {
-			srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
+			srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
 				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", writeFailure(err))
 		}
 		return
@@ -288,7 +288,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 func (c *connection) accept(ws *websocket.Conn) {
 	c.ws = ws
 	srv := c.srv
-	srv.log.Info("connection opened", "client", srv.logAddr(c.addr))
+	srv.connLog(srv.log.Info, "connection opened", "client", srv.logAddr(c.addr))
 	welcome := srv.welcome
 	if c.limitErr != "" {
 		welcome.signalError = c.limitErr
@@ -494,7 +494,7 @@ func (c *connection) finish(err error) {
 	if reason != nil && !errors.Is(reason, errClientClosed) && !errors.Is(reason, errClientGone) {
 		srv.metrics.drop(reason)
 	}
-	srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
+	srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
 		"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", reason)
 }
 

@@ -13,6 +13,7 @@ import (
 	"expvar"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -462,4 +463,42 @@ func TestKernelBuffersCounted(t *testing.T) {
 	}
 	exchange(t, p, q, 3)
 	ts.stopAndCheckOutboxes(t)
+}
+
+// TestConnectionLogBounded is the attack of connection churn filling the
+// disk through the log: per-connection lines are bounded a second, and a
+// later line says how many were held back.
+func TestConnectionLogBounded(t *testing.T) {
+	rec := newLogRecorder()
+	ts := startServerWith(t, testConfig(), slog.New(slog.NewTextHandler(rec, nil)), nil)
+	const conns = 3 * connLogsPerSecond
+	start := time.Now()
+	for i := range conns { // 2 lines each
+		c, _ := mustDialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", 2+i%8)})
+		c.raw.Close()
+	}
+	waitFor(t, "every connection closed", func() bool {
+		ts.connsMu.Lock()
+		defer ts.connsMu.Unlock()
+		return len(ts.conns) == 0
+	})
+	windows := int(time.Since(start)/time.Second) + 2 // the seconds the churn touched
+	lines := 0
+	for _, l := range rec.snapshot() {
+		if strings.Contains(l, "connection opened") || strings.Contains(l, "connection closed") {
+			lines++
+		}
+	}
+	if lines >= 2*conns {
+		t.Errorf("%d per-connection lines for %d connections: none held back", lines, conns)
+	}
+	if lines > windows*connLogsPerSecond {
+		t.Errorf("%d per-connection lines in %d seconds, over %d a second", lines, windows, connLogsPerSecond)
+	}
+	// A connection in a later second says what was held back.
+	ts.connLogs.mu.Lock()
+	ts.connLogs.second = time.Time{}
+	ts.connLogs.mu.Unlock()
+	mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.2"})
+	rec.waitFor(t, "connection log lines suppressed")
 }

@@ -414,3 +414,43 @@ func tcpConn(c net.Conn) *net.TCPConn {
 	tc, _ := c.(*net.TCPConn)
 	return tc
 }
+
+// connLogsPerSecond bounds the per-connection log lines ("connection
+// opened", "connection closed"): far more than a busy server's real
+// clients cause, and under a flood of connections, at most a few
+// hundred bytes a second on the disk the log shares with the journal.
+const connLogsPerSecond = 100
+
+// logSampler lets through at most connLogsPerSecond lines a second, and
+// says how many it held back.
+type logSampler struct {
+	mu         sync.Mutex
+	second     time.Time // the second being counted
+	n          int       // lines let through in it
+	suppressed int       // lines held back since the last said so
+}
+
+// connLog logs a per-connection line, unless connLogsPerSecond are
+// already logged this second; the first line of a later second is
+// preceded by one saying how many were held back.
+func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
+	s := &srv.connLogs
+	now := time.Now().Truncate(time.Second)
+	s.mu.Lock()
+	if !now.Equal(s.second) {
+		s.second, s.n = now, 0
+	}
+	s.n++
+	if s.n > connLogsPerSecond {
+		s.suppressed++
+		s.mu.Unlock()
+		return
+	}
+	suppressed := s.suppressed
+	s.suppressed = 0
+	s.mu.Unlock()
+	if suppressed > 0 {
+		srv.log.Info("connection log lines suppressed", "lines", suppressed, "limit_per_second", connLogsPerSecond)
+	}
+	logf(msg, args...)
+}

@@ -524,6 +524,8 @@ type server struct {
 	// partial is the budget for partly received messages (limits.go).
 	partial *partialBudget
 
+	connLogs logSampler // bounds the per-connection log lines (see connLog)
+
 	proxyHint sync.Once // the warning about loopback clients is logged once
 
 	connsMu      sync.Mutex
