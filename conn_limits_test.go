@@ -502,3 +502,21 @@ func TestConnectionLogBounded(t *testing.T) {
 	mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.2"})
 	rec.waitFor(t, "connection log lines suppressed")
 }
+
+// TestHeaderLimit checks that the limit on request headers is the 16 KiB
+// the README states, not net/http's limit plus its 4 KiB of slack.
+func TestHeaderLimit(t *testing.T) {
+	ts := startServer(t, testConfig())
+	for _, tc := range []struct{ pad, want int }{{maxHeaderBytes - 1024, http.StatusOK}, {maxHeaderBytes + 512, http.StatusRequestHeaderFieldsTooLarge}} {
+		req, _ := http.NewRequest("GET", ts.http.URL+"/", nil)
+		req.Header.Set("X-Padding", strings.Repeat("p", tc.pad))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("a request with a %d-byte header: status %d, want %d", tc.pad, resp.StatusCode, tc.want)
+		}
+	}
+}
