@@ -163,7 +163,7 @@ func newBareServer(l limits, newPerMinute int, clock func() time.Time) *server {
 	return &server{
 		reg:     newRegistry(l, true, nil, nil, m),
 		metrics: m,
-		limiter: newLimiter(0, 0, newPerMinute),
+		limiter: newLimiter(0, newPerMinute),
 		log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		clock:   clock,
 	}

@@ -154,7 +154,7 @@ func (ts *testServer) serverSide(t testing.TB, c *testClient) *connection {
 func (ts *testServer) stopReading(t testing.TB, c *testClient) *connection {
 	t.Helper()
 	sc := ts.serverSide(t, c)
-	if err := sc.netConn.(*net.TCPConn).SetWriteBuffer(4096); err != nil {
+	if err := tcpConn(sc.netConn).SetWriteBuffer(4096); err != nil {
 		t.Fatal(err)
 	}
 	return sc
@@ -506,20 +506,24 @@ func TestLimiter(t *testing.T) {
 		}
 	}
 
-	l := newLimiter(2, 3, 2)
+	l := newLimiter(2, 2)
 	a1, a2, b := netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8::2"), netip.MustParseAddr("2001:db8:0:1::1")
 	for i, tc := range []struct {
 		ip   netip.Addr
 		want string
-	}{{a1, ""}, {a2, ""}, {a1, errTooManyConnsFromAddr}, {b, errTooManyConns}} {
+	}{{a1, ""}, {a2, ""}, {a1, errTooManyConnsFromAddr}, {b, ""}} {
 		if got := l.connect(tc.ip); got != tc.want {
 			t.Errorf("connection %d from %v: %q, want %q", i, tc.ip, got, tc.want)
 		}
 	}
-	l.disconnect(b)
 	l.disconnect(a1)
-	if got := l.connect(b); got != "" {
-		t.Errorf("after two left, a connection from another /64: %q", got)
+	if got := l.connect(a1); got != errTooManyConnsFromAddr {
+		t.Errorf("after one left, a third from a /64 that had three: %q", got)
+	}
+	l.disconnect(a1)
+	l.disconnect(a2)
+	if got := l.connect(a2); got != "" {
+		t.Errorf("after two left, a connection from the /64: %q", got)
 	}
 	if !l.allowNewNameplate(a1) || !l.allowNewNameplate(a2) || l.allowNewNameplate(a1) {
 		t.Error("a /64 did not share its two new nameplates a minute")
@@ -530,7 +534,7 @@ func TestLimiter(t *testing.T) {
 
 	// The table of addresses is bounded: when it is full of addresses
 	// still refilling, a new address is refused; known ones go on.
-	l = newLimiter(0, 0, 1)
+	l = newLimiter(0, 1)
 	for i := range maxTrackedAddrs {
 		l.allowNewNameplate(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
 	}
@@ -870,8 +874,8 @@ func TestFlood(t *testing.T) {
 				fail("finding its server connection", nil)
 				return
 			}
-			sc.netConn.(*net.TCPConn).SetWriteBuffer(4096) // so that it fills with a few frames
-			for i := 0; send(c, bigPing) == nil; i++ {     // until disconnected
+			tcpConn(sc.netConn).SetWriteBuffer(4096)   // so that it fills with a few frames
+			for i := 0; send(c, bigPing) == nil; i++ { // until disconnected
 				if i == 1000 {
 					t.Errorf("attacker %s/%d: never disconnected", from, k)
 					break

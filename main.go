@@ -21,6 +21,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"expvar"
 	"flag"
 	"fmt"
 	"io"
@@ -57,12 +58,21 @@ const (
 // over HTTP, and it is small.
 const (
 	readHeaderTimeout = 10 * time.Second
-	maxHeaderBytes    = 16 << 10
+
+	// maxHeaderBytes bounds the opening request's line and headers, all
+	// a WebSocket client sends over HTTP (a few hundred bytes).
+	maxHeaderBytes = 16 << 10
+
+	// headerSlack is what net/http reads beyond its MaxHeaderBytes
+	// (4096 bytes), taken off so that maxHeaderBytes is the limit.
+	headerSlack = 4 << 10
 
 	// httpIdleTimeout is how long a connection that made a plain HTTP
-	// request (the banner at /) may stay open waiting for another; a
+	// request (the banner at /) may stay open waiting for another: short,
+	// because every open connection counts against the connection limits
+	// and a browser or a monitor that comes back later opens another. A
 	// WebSocket connection is taken from net/http and does not meet it.
-	httpIdleTimeout = 60 * time.Second
+	httpIdleTimeout = 5 * time.Second
 
 	// shutdownTimeout is how long a shutdown waits for the clients to be
 	// sent what they are owed and a close, one frame write's time
@@ -75,7 +85,7 @@ const (
 // flood. In all: 5,000 transfers under way at once, and at about 10 KiB
 // each (a goroutine, buffers, a kernel socket) a tenth of a 1 GiB machine.
 const (
-	defaultMaxConnsPerAddr     = 256
+	defaultMaxConnsPerAddr     = 128
 	defaultMaxConns            = 10_000
 	defaultNameplatesPerMinute = 60
 )
@@ -104,25 +114,26 @@ func main() {
 
 // config is everything the command line sets.
 type config struct {
-	port             string
-	channelDB        string
-	fsync            bool
-	usageDB          string
-	blurUsage        int
-	welcome          welcomeInfo
-	allowList        bool
-	metricsListen    string
-	trustProxyHeader string
-	tlsCert, tlsKey  string
-	logFormat        string
-	logMessages      bool
-	limits           limits
-	maxMessageBytes  int
-	maxConnsPerAddr  int
-	maxConns         int
-	nameplatesPerMin int
-	pruneInterval    time.Duration // pruneInterval unless a test sets another
-	channelExpiry    time.Duration // channelExpiry unless a test sets another
+	port              string
+	channelDB         string
+	fsync             bool
+	usageDB           string
+	blurUsage         int
+	welcome           welcomeInfo
+	allowList         bool
+	metricsListen     string
+	trustProxyHeader  string
+	tlsCert, tlsKey   string
+	logFormat         string
+	logMessages       bool
+	limits            limits
+	maxMessageBytes   int
+	maxConnsPerAddr   int
+	maxConns          int
+	nameplatesPerMin  int
+	commandsPerSecond int
+	pruneInterval     time.Duration // pruneInterval unless a test sets another
+	channelExpiry     time.Duration // channelExpiry unless a test sets another
 }
 
 // run is the whole program; main only supplies the process's context,
@@ -172,15 +183,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		defer mln.Close()
 	}
-	httpSrv := &http.Server{
-		Handler:           srv.handler(),
-		ReadHeaderTimeout: readHeaderTimeout, // also bounds the TLS handshake
-		MaxHeaderBytes:    maxHeaderBytes,
-		IdleTimeout:       httpIdleTimeout,
-		ErrorLog:          httpErrorLog(log, srv.blurLogs),
-		Protocols:         new(http.Protocols), // HTTP/1.1 only: a WebSocket upgrade needs it
-	}
-	httpSrv.Protocols.SetHTTP1(true)
+	ln = gatedListener{ln, srv.gate}
+	httpSrv := srv.httpServer(log)
 	var cert *certificate
 	scheme := "ws"
 	if cfg.tlsCert != "" {
@@ -299,6 +303,7 @@ server's where it has them.
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.commandsPerSecond, "max-commands-per-second", commandsPerSecond, "most commands per second one connection may send, after a burst of "+strconv.Itoa(commandBurst)+"; 0: no limit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
 	protocolOption := fs.String("websocket-protocol-option", "", "not supported (the reference's Autobahn `option`s); refused with a reason")
@@ -343,6 +348,7 @@ server's where it has them.
 		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
 		{"max-connections", int64(cfg.maxConns), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
+		{"max-commands-per-second", int64(cfg.commandsPerSecond), 0},
 	} {
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
@@ -497,28 +503,38 @@ func maskAddrs(s string) string { return addrPattern.ReplaceAllLiteralString(s, 
 type server struct {
 	reg         *registry
 	metrics     *metrics
+	gate        *connGate // counts every TCP connection (limits.go)
 	limiter     *limiter
 	log         *slog.Logger
 	failed      chan error // the journal failed, and the server must stop
 	stopPruning context.CancelFunc
 	pruned      chan struct{} // closed when the prune loop has stopped
 
-	welcome         welcomeInfo
-	serverHeader    string
-	trustHeader     string
-	logMessages     bool
-	blurLogs        bool // --blur-usage: log no client addresses
-	rebooted        float64
-	pingInterval    time.Duration
-	idleTimeout     time.Duration
-	maxMessageBytes int
-	maxOutboxBytes  int
-	clock           func() time.Time
+	welcome        welcomeInfo
+	serverHeader   string
+	trustHeader    string
+	logMessages    bool
+	blurLogs       bool // --blur-usage: log no client addresses
+	rebooted       float64
+	pingInterval   time.Duration
+	idleTimeout    time.Duration
+	messageTimeout time.Duration // see messageTimeout
+	// commandsPerSecond refills each connection's command budget
+	// (--max-commands-per-second); 0: no limit.
+	commandsPerSecond float64
+	maxMessageBytes   int
+	maxOutboxBytes    int
+	clock             func() time.Time
 
 	// outboxBytes is what waits to be written to all clients together,
 	// bounded by maxOutboxTotalBytes (see connection.reserveLocked).
 	outboxBytes         atomic.Int64
 	maxOutboxTotalBytes int64
+
+	// partial is the budget for partly received messages (limits.go).
+	partial *partialBudget
+
+	connLogs logSampler // bounds the per-connection log lines (see connLog)
 
 	proxyHint sync.Once // the warning about loopback clients is logged once
 
@@ -535,7 +551,7 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
 		metrics:             m,
-		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.maxConns, cfg.nameplatesPerMin),
+		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.nameplatesPerMin),
 		log:                 log,
 		failed:              make(chan error, 1),
 		welcome:             cfg.welcome,
@@ -545,6 +561,8 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		blurLogs:            cfg.blurUsage >= 0,
 		pingInterval:        pingInterval,
 		idleTimeout:         idleTimeout,
+		messageTimeout:      messageTimeout,
+		commandsPerSecond:   float64(cfg.commandsPerSecond),
 		maxMessageBytes:     cfg.maxMessageBytes,
 		maxOutboxBytes:      max(maxOutboxBytes, 2*cfg.limits.MaxMailboxBytes), // a full mailbox's replay fits
 		maxOutboxTotalBytes: maxOutboxTotalBytes,
@@ -552,6 +570,9 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		conns:               make(map[*connection]struct{}),
 	}
 	srv.rebooted = srv.now()
+	srv.gate = newGate(cfg, log, m)
+	srv.partial = newPartialBudget(maxPartialBytesTotal, (*connection).closeForBudget)
+	m.vars.Set("partial_message_bytes", expvar.Func(func() any { return srv.partial.bytes() }))
 	var usage *usageLog
 	if cfg.usageDB != "" {
 		var err error
@@ -582,6 +603,54 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	return srv, nil
 }
 
+// newGate returns the connection gate for cfg. Behind a trusted proxy
+// every client shares the proxy's address, so the gate counts only the
+// total, and the limiter counts by the address the proxy reports. The
+// total is lowered, if it must be, to leave fdHeadroom and fdRefusalRoom
+// below the process's descriptor limit.
+func newGate(cfg config, log *slog.Logger, m *metrics) *connGate {
+	perAddr := cfg.maxConnsPerAddr
+	if cfg.trustProxyHeader != "" {
+		perAddr = 0
+	}
+	total, maxOpen := cfg.maxConns, 0
+	if limit := fileLimit(); limit > 0 {
+		maxOpen = max(limit-fdHeadroom, 1)
+		fit := max(maxOpen-fdRefusalRoom, 1)
+		if total > fit {
+			log.Warn("lowering the connection limit to fit the file descriptor limit (ulimit -n)",
+				"max-connections", fit, "descriptors", limit)
+		}
+		if total == 0 || total > fit {
+			total = fit
+		}
+	}
+	return newConnGate(perAddr, total, maxOpen, m)
+}
+
+// httpServer returns the HTTP server for the WebSocket listener: every
+// connection it serves comes through the gate (see gatedListener), and
+// the handler finds the gate's record of it in the request's context.
+func (srv *server) httpServer(log *slog.Logger) *http.Server {
+	s := &http.Server{
+		Handler:           srv.handler(),
+		ReadHeaderTimeout: readHeaderTimeout,            // also bounds the TLS handshake
+		MaxHeaderBytes:    maxHeaderBytes - headerSlack, // see headerSlack
+		IdleTimeout:       httpIdleTimeout,
+		ErrorLog:          httpErrorLog(log, srv.blurLogs),
+		Protocols:         new(http.Protocols), // HTTP/1.1 only: a WebSocket upgrade needs it
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, slotKey{}, slotOf(c))
+		},
+	}
+	s.Protocols.SetHTTP1(true)
+	return s
+}
+
+// slotKey is the request context key of the gate's record of the
+// connection (a *connSlot).
+type slotKey struct{}
+
 // journalFailed is told when the journal can make nothing more durable.
 // Every reply from then on would wait forever, so run stops the server.
 func (srv *server) journalFailed(err error) {
@@ -611,6 +680,9 @@ func (srv *server) handler() http.Handler {
 			srv.serveWebSocket(w, r)
 		case path != "/":
 			http.NotFound(w, r)
+		case refusedConn(r) != "":
+			w.Header().Set("Connection", "close")
+			http.Error(w, refusedConn(r), http.StatusServiceUnavailable)
 		case r.Method != http.MethodGet && r.Method != http.MethodHead:
 			w.Header().Set("Allow", "HEAD, GET")
 			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
@@ -621,10 +693,20 @@ func (srv *server) handler() http.Handler {
 	})
 }
 
-// admit counts a new connection against the connection limits. It returns
-// an error text if the client's address, or the server, already has as
-// many connections as it may.
-func (srv *server) admit(c *connection) string {
+// refusedConn is why the gate refused the connection r came on, if it did.
+func refusedConn(r *http.Request) string {
+	if s, _ := r.Context().Value(slotKey{}).(*connSlot); s != nil {
+		return s.refused
+	}
+	return ""
+}
+
+// admit counts a new WebSocket connection. It returns an error text if
+// the client's address, or the server, already has as many connections as
+// it may: the gate decided when the connection was accepted (slot), and
+// behind a trusted proxy the limiter counts by the address the proxy
+// reported.
+func (srv *server) admit(c *connection, slot *connSlot) string {
 	srv.metrics.connections.Add(1)
 	srv.metrics.connectionsTotal.Add(1)
 	if srv.trustHeader == "" && c.addr.ip.IsLoopback() {
@@ -633,19 +715,29 @@ func (srv *server) admit(c *connection) string {
 				"set --trust-proxy-header, or the per-address limits count all its clients as one")
 		})
 	}
+	if slot != nil {
+		slot.setEvict(c.closeForFairShare)
+		if slot.refused != "" {
+			return slot.refused
+		}
+	}
+	if srv.trustHeader == "" {
+		return ""
+	}
+	c.byHeader = true
 	why := srv.limiter.connect(c.addr.ip)
-	switch why {
-	case errTooManyConnsFromAddr:
+	if why == errTooManyConnsFromAddr {
 		srv.metrics.refused("connections per address")
-	case errTooManyConns:
-		srv.metrics.refused("connections")
 	}
 	return why
 }
 
-// release undoes admit.
+// release undoes admit. The gate's count is given back when the
+// connection is closed.
 func (srv *server) release(c *connection) {
-	srv.limiter.disconnect(c.addr.ip)
+	if c.byHeader {
+		srv.limiter.disconnect(c.addr.ip)
+	}
 	srv.metrics.connections.Add(-1)
 }
 

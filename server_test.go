@@ -61,7 +61,10 @@ func startServerWith(t testing.TB, cfg config, log *slog.Logger, adjust func(*se
 	if adjust != nil {
 		adjust(srv)
 	}
-	hs := httptest.NewServer(srv.handler())
+	hs := httptest.NewUnstartedServer(nil) // the server's own HTTP settings, on its gated listener
+	hs.Config = srv.httpServer(log)
+	hs.Listener = gatedListener{hs.Listener, srv.gate}
+	hs.Start()
 	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
 	t.Cleanup(ts.stop)
 	return ts
