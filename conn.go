@@ -68,9 +68,17 @@ const (
 	// clients together, beyond outboxReserveBytes each, so that many
 	// clients that stop reading cannot together hold more than this.
 	// Frames to clients that read leave within milliseconds, so only
-	// clients that stopped reading hold any of it; when it is used up, a
-	// client that wants more than its reserve is disconnected.
+	// clients that stopped reading hold any of it; when it is used up,
+	// the client holding the most is disconnected to make room (see
+	// evictLargestOutbox).
 	maxOutboxTotalBytes = 32 << 20
+
+	// outboxSlackDivisor sets how far past maxOutboxTotalBytes the
+	// outboxes may go while the largest is being disconnected (a quarter
+	// of it), so that a client holding little is not refused for what
+	// others hold. Past that, a client that wants more than its reserve
+	// is disconnected itself.
+	outboxSlackDivisor = 4
 
 	// outboxReserveBytes is what every client may have waiting whatever
 	// the others hold: the frames of a step of a typical transfer (a few
@@ -747,7 +755,10 @@ func (c *connection) reserveLocked(n int) error {
 		case held+n > c.srv.maxOutboxBytes:
 			err = errSlowClient
 		case held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes:
-			err = errOutboxesFull
+			c.srv.startOutboxEviction()
+			if total > c.srv.maxOutboxTotalBytes+c.srv.maxOutboxTotalBytes/outboxSlackDivisor {
+				err = errOutboxesFull
+			}
 		}
 		if err == nil {
 			return nil
@@ -757,6 +768,42 @@ func (c *connection) reserveLocked(n int) error {
 			return err
 		}
 		c.refreshQueuedLocked()
+	}
+}
+
+// startOutboxEviction starts evictLargestOutbox, unless it is running.
+// It never blocks, so it may be called with a connection's or the
+// registry's lock held.
+func (srv *server) startOutboxEviction() {
+	if srv.evicting.CompareAndSwap(false, true) {
+		go srv.evictLargestOutbox()
+	}
+}
+
+// evictLargestOutbox disconnects the connection with the most bytes
+// waiting for it, if all outboxes together hold more than
+// maxOutboxTotalBytes: the pool is shared fairly, so clients that stop
+// reading lose their place before one that reads. It takes the
+// connections' lock before each connection's own, as shutdown does.
+func (srv *server) evictLargestOutbox() {
+	defer srv.evicting.Store(false)
+	if srv.outboxBytes.Load() <= srv.maxOutboxTotalBytes {
+		return
+	}
+	srv.connsMu.Lock()
+	defer srv.connsMu.Unlock()
+	var largest *connection
+	most := 0
+	for c := range srv.conns {
+		c.outMu.Lock()
+		if held := c.outBytes + c.sending + c.queued; held > most && !c.closing {
+			largest, most = c, held
+		}
+		c.outMu.Unlock()
+	}
+	if largest != nil {
+		srv.metrics.refused("outboxes full")
+		largest.abort(errOutboxesFull)
 	}
 }
 

@@ -675,6 +675,55 @@ func TestOutboxBudget(t *testing.T) {
 	ts.stopAndCheckOutboxes(t)
 }
 
+// TestOutboxFairShare checks that when all outboxes together are full,
+// the client holding the most is disconnected, not one that reads but
+// briefly wants more than its reserve (the replay of a mailbox, here).
+func TestOutboxFairShare(t *testing.T) {
+	cfg := testConfig()
+	cfg.limits.MaxMailboxBytes, cfg.limits.MaxStoredBytes, cfg.limits.MaxMessagesPerMailbox = 256<<20, 256<<20, 100_000
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) {
+		srv.maxOutboxBytes, srv.maxOutboxTotalBytes = 64<<20, 128<<10
+	})
+	add := fmt.Sprintf(`{"type": "add", "phase": "p", "body": "%s"}`, strings.Repeat("ab", 2048))
+	small, _ := ts.dial(t) // a mailbox whose replay is 20 KiB, more than a reserve
+	small.bind("app", "small")
+	small.expect(`{"type": "open", "mailbox": "small"}`)
+	for range 5 {
+		small.expect(add, "message")
+	}
+	w, _ := ts.dial(t)
+	w.bind("app", "w")
+	w.expect(`{"type": "open", "mailbox": "mb"}`)
+	s, _ := mustDialFrom(t, ts.url, dialOptions{small: true})
+	s.bind("app", "s")
+	s.expect(`{"type": "open", "mailbox": "mb"}`)
+	slow := ts.stopReading(t, s)
+	for i := 0; ts.outboxBytes.Load() < ts.maxOutboxTotalBytes-8<<10; i++ { // fill the pool through the reader that stopped
+		if i == 4000 {
+			t.Fatal("the outboxes never filled")
+		}
+		w.expect(add, "message")
+	}
+	if _, reason := slow.outboxState(); reason != nil {
+		t.Fatalf("the reader that stopped was disconnected before the pool filled: %v", reason)
+	}
+	r, _ := ts.dial(t)
+	r.bind("app", "r")
+	if got := r.expect(`{"type": "open", "mailbox": "small"}`, "message", "message", "message", "message", "message"); len(got) != 5 {
+		t.Fatalf("replay: %v", got)
+	}
+	waitFor(t, "the reader that stopped to be disconnected", func() bool {
+		_, reason := slow.outboxState()
+		return reason != nil
+	})
+	if _, reason := slow.outboxState(); !errors.Is(reason, errOutboxesFull) {
+		t.Fatalf("the reader that stopped ended with %v, want %v", reason, errOutboxesFull)
+	}
+	if _, reason := ts.serverSide(t, r).outboxState(); reason != nil {
+		t.Fatalf("the reading client was disconnected: %v", reason)
+	}
+}
+
 // openPair connects two clients to one mailbox of app.
 func openPair(t testing.TB, ts *testServer, app string) (*testClient, *testClient) {
 	t.Helper()

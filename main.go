@@ -530,6 +530,7 @@ type server struct {
 	// bounded by maxOutboxTotalBytes (see connection.reserveLocked).
 	outboxBytes         atomic.Int64
 	maxOutboxTotalBytes int64
+	evicting            atomic.Bool // evictLargestOutbox is running
 
 	// partial is the budget for partly received messages (limits.go).
 	partial *partialBudget
