@@ -125,6 +125,9 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 	case withinLimits && (nameplateN > reg.limits.MaxNameplates || mailboxN > reg.limits.MaxMailboxes || stored > reg.limits.MaxStoredBytes):
 		return fmt.Errorf("over the limits: %d nameplates, %d mailboxes, %d bytes", nameplateN, mailboxN, stored)
 	}
+	if err := checkHoldings(reg, withinLimits); err != nil {
+		return err
+	}
 	for s := range live {
 		if s.mailbox != nil && (s.mailbox.deleted || !slices.Contains(s.mailbox.subscribers, s)) {
 			return fmt.Errorf("session %q of app %q holds mailbox %q but is not its subscriber", s.side, s.appID, s.mailboxID)
@@ -155,7 +158,8 @@ func (f *fakeSender) hold()                            { f.held = true }
 func (f *fakeSender) release(lsn uint64)               { f.held = false }
 
 // fuzzLimits are small, so that short sequences reach every limit.
-var fuzzLimits = limits{MaxNameplates: 6, MaxMailboxes: 6, MaxMessagesPerMailbox: 5, MaxMailboxBytes: 3 << 10, MaxStoredBytes: 8 << 10}
+var fuzzLimits = limits{MaxNameplates: 6, MaxMailboxes: 6, MaxMessagesPerMailbox: 5, MaxMailboxBytes: 3 << 10, MaxStoredBytes: 8 << 10,
+	MaxNameplatesPerAddr: 3, MaxMailboxesPerAddr: 3, MaxStoredBytesPerAddr: 4 << 10}
 
 // newBareServer is a server with a registry in memory and no listener.
 func newBareServer(l limits, newPerMinute int, clock func() time.Time) *server {
