@@ -252,6 +252,25 @@ func (r *registry) nameplateExistsLocked(appID, name string) bool {
 	return a != nil && a.nameplates[name] != nil
 }
 
+// nameplateHasSideLocked reports whether side is recorded on the app's
+// nameplate of this name. The protocol asks it only of a nameplate the
+// connection was given, so it tells nothing about others.
+func (r *registry) nameplateHasSideLocked(appID, name, side string) bool {
+	a := r.apps[appID]
+	if a == nil || a.nameplates[name] == nil {
+		return false
+	}
+	return slices.ContainsFunc(a.nameplates[name].sides, func(s nameplateSide) bool { return s.side == side })
+}
+
+// mailboxHasSideLocked reports whether side is recorded on the app's
+// mailbox of this id; like nameplateHasSideLocked, it is asked only of
+// the mailbox the connection's claim returned.
+func (r *registry) mailboxHasSideLocked(appID, id, side string) bool {
+	a := r.apps[appID]
+	return a != nil && a.mailboxes[id] != nil && a.mailboxes[id].hasSide(side)
+}
+
 // listLocked returns the names of the app's nameplates sorted as strings,
 // as the reference does ("10" sorts before "2").
 func (r *registry) listLocked(appID string) []string {

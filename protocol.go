@@ -501,14 +501,15 @@ func (s *session) claim(msg clientMessage, now float64) error {
 	// Every claim is admitted or refused before anything looks at the
 	// nameplate, so a refusal is the same whether it exists or not, and
 	// cannot be used to find the waiting ones. Only the nameplate this
-	// connection allocated is already paid for.
-	if !s.didAllocate || name != s.allocated {
+	// connection allocated is already paid for, while its side is on it.
+	reg := s.srv.reg
+	if !s.didAllocate || name != s.allocated || !reg.nameplateHasSideLocked(s.appID, name, s.side) {
 		if err := s.admitLocked(holdings{nameplates: 1, mailboxes: 1}, errRateLimited); err != nil {
 			return err
 		}
 	}
 	s.didClaim, s.claimed = true, name
-	id, err := s.srv.reg.claimLocked(s.appID, name, s.side, s.holder(), now)
+	id, err := reg.claimLocked(s.appID, name, s.side, s.holder(), now)
 	if err != nil {
 		return err
 	}
@@ -553,13 +554,14 @@ func (s *session) open(msg clientMessage, now float64) error {
 	}
 	// As for claims, every open costs the same whether the mailbox exists
 	// or not (a new mailbox costs as much as a new nameplate); the one
-	// this connection's claim returned is already paid for.
-	if s.claimedBox == "" || id != s.claimedBox {
+	// this connection's claim returned is already paid for, while its
+	// side is on it.
+	reg := s.srv.reg
+	if s.claimedBox == "" || id != s.claimedBox || !reg.mailboxHasSideLocked(s.appID, id, s.side) {
 		if err := s.admitLocked(holdings{mailboxes: 1}, errRateLimitedOpen); err != nil {
 			return err
 		}
 	}
-	reg := s.srv.reg
 	s.opened, s.mailboxID = true, id
 	a := reg.appLocked(s.appID)
 	mb, err := reg.openLocked(a, id, s.side, s.holder(), now)
