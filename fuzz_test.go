@@ -53,7 +53,7 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 			if err := distinctSides(len(np.sides), func(i int) string { return np.sides[i].side }); err != nil {
 				return fmt.Errorf("app %q: nameplate %q: %v", id, name, err)
 			}
-			if withinLimits && len(np.sides) > maxSides {
+			if withinLimits && len(np.sides) > crowdedSides {
 				return fmt.Errorf("app %q: nameplate %q has %d sides", id, name, len(np.sides))
 			}
 		}
@@ -87,7 +87,7 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 			if size != mb.bytes {
 				return fmt.Errorf("app %q: mailbox %q counts %d bytes, holds %d", id, mid, mb.bytes, size)
 			}
-			if withinLimits && (len(mb.sides) > maxSides || len(mb.messages) > reg.limits.MaxMessagesPerMailbox || mb.bytes > reg.limits.MaxMailboxBytes) {
+			if withinLimits && (len(mb.sides) > crowdedSides || len(mb.messages) > reg.limits.MaxMessagesPerMailbox || mb.bytes > reg.limits.MaxMailboxBytes) {
 				return fmt.Errorf("app %q: mailbox %q over its limits: %d sides, %d messages, %d bytes", id, mid, len(mb.sides), len(mb.messages), mb.bytes)
 			}
 			for i, s := range mb.subscribers {
@@ -125,6 +125,9 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 	case withinLimits && (nameplateN > reg.limits.MaxNameplates || mailboxN > reg.limits.MaxMailboxes || stored > reg.limits.MaxStoredBytes):
 		return fmt.Errorf("over the limits: %d nameplates, %d mailboxes, %d bytes", nameplateN, mailboxN, stored)
 	}
+	if err := checkHoldings(reg, withinLimits); err != nil {
+		return err
+	}
 	for s := range live {
 		if s.mailbox != nil && (s.mailbox.deleted || !slices.Contains(s.mailbox.subscribers, s)) {
 			return fmt.Errorf("session %q of app %q holds mailbox %q but is not its subscriber", s.side, s.appID, s.mailboxID)
@@ -155,7 +158,8 @@ func (f *fakeSender) hold()                            { f.held = true }
 func (f *fakeSender) release(lsn uint64)               { f.held = false }
 
 // fuzzLimits are small, so that short sequences reach every limit.
-var fuzzLimits = limits{MaxNameplates: 6, MaxMailboxes: 6, MaxMessagesPerMailbox: 5, MaxMailboxBytes: 3 << 10, MaxStoredBytes: 8 << 10}
+var fuzzLimits = limits{MaxNameplates: 6, MaxMailboxes: 6, MaxMessagesPerMailbox: 5, MaxMailboxBytes: 3 << 10, MaxStoredBytes: 8 << 10,
+	MaxNameplatesPerAddr: 3, MaxMailboxesPerAddr: 3, MaxStoredBytesPerAddr: 4 << 10}
 
 // newBareServer is a server with a registry in memory and no listener.
 func newBareServer(l limits, newPerMinute int, clock func() time.Time) *server {
@@ -457,7 +461,7 @@ func FuzzReplay(f *testing.F) {
 		}
 		for _, a := range reg.apps {
 			for name := range a.nameplates {
-				reg.claimLocked(a.id, name, "newcomer", now)
+				reg.claimLocked(a.id, name, "newcomer", netip.Addr{}, now)
 				reg.releaseLocked(a.id, name, "newcomer", now)
 			}
 		}
@@ -466,8 +470,8 @@ func FuzzReplay(f *testing.F) {
 				if mb.deleted {
 					continue
 				}
-				if _, err := reg.openLocked(a, id, "newcomer", now); err == nil {
-					reg.addLocked(mb, message{side: "newcomer", phase: "p", body: "b", serverRx: now, id: jsonNull})
+				if _, err := reg.openLocked(a, id, "newcomer", netip.Addr{}, now); err == nil {
+					reg.addLocked(mb, message{side: "newcomer", phase: "p", body: "b", serverRx: now, id: jsonNull}, netip.Addr{})
 				}
 				reg.closeLocked(a, id, "newcomer", "happy", now)
 			}

@@ -369,10 +369,12 @@ func TestConnectionLimits(t *testing.T) {
 	})
 }
 
-// TestNewNameplateRateLimit checks the limit on new nameplates per
-// address: allocating, claiming a new name and opening a new mailbox take
-// from it; claiming or opening an existing one does not; other addresses
-// have their own.
+// TestNewNameplateRateLimit checks the allowance of channels per
+// address: allocating, claiming and opening take from it whether the
+// nameplate or mailbox exists or not, so that a refusal tells nothing
+// about which exist (only the claim of the nameplate a connection
+// allocated, and the open of the mailbox its claim returned, are paid for
+// already); other addresses have their own.
 func TestNewNameplateRateLimit(t *testing.T) {
 	cfg := testConfig()
 	cfg.nameplatesPerMin = 2
@@ -382,17 +384,23 @@ func TestNewNameplateRateLimit(t *testing.T) {
 		c.bind("app", side)
 		return c
 	}
-	name := client("127.0.0.1", "a").expect(`{"type": "allocate"}`, "allocated")[0].str("nameplate")
-	mailbox := client("127.0.0.1", "b").expect(`{"type": "claim", "nameplate": "77"}`, "claimed")[0].str("mailbox")
+	a := client("127.0.0.1", "a")
+	name := a.expect(`{"type": "allocate"}`, "allocated")[0].str("nameplate")
+	mailbox := a.expect(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "claimed")[0].str("mailbox")
+	a.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mailbox))
+	client("127.0.0.1", "b").expect(`{"type": "claim", "nameplate": "77"}`, "claimed")
 	client("127.0.0.1", "c").expectError(`{"type": "allocate"}`, "too many new nameplates from your address, try again later")
-	c := client("127.0.0.1", "d")
-	c.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later")
-	c.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later") // the refused claim was not used up
-	c.expect(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "claimed")                                        // an existing nameplate is free
+	d := client("127.0.0.1", "d")
+	d.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later")
+	d.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later") // the refused claim was not used up
+	d.expectError(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "too many new nameplates from your address, try again later")
 	e := client("127.0.0.1", "e")
 	e.expectError(`{"type": "open", "mailbox": "new"}`, "too many new mailboxes from your address, try again later")
-	e.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mailbox)) // an existing mailbox is free
+	e.expectError(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mailbox), "too many new mailboxes from your address, try again later")
 	client("127.0.0.2", "f").expect(`{"type": "allocate"}`, "allocated")
+	if got := ts.metrics.refusals.Get("new nameplates per address"); got == nil || got.String() != "6" {
+		t.Errorf("refusals counted: %v, want 6", got)
+	}
 }
 
 // TestTrustProxyHeader checks --trust-proxy-header: the header's address

@@ -300,9 +300,12 @@ server's where it has them.
 	fs.IntVar(&cfg.limits.MaxNameplates, "max-nameplates", defaultLimits.MaxNameplates, "most nameplates in all apps together")
 	fs.IntVar(&cfg.limits.MaxMailboxes, "max-mailboxes", defaultLimits.MaxMailboxes, "most mailboxes in all apps together")
 	fs.Int64Var(&cfg.limits.MaxStoredBytes, "max-stored-bytes", defaultLimits.MaxStoredBytes, "most message `bytes` stored in all mailboxes together")
+	fs.IntVar(&cfg.limits.MaxNameplatesPerAddr, "max-nameplates-per-ip", defaultLimits.MaxNameplatesPerAddr, "most nameplates claimed at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.limits.MaxMailboxesPerAddr, "max-mailboxes-per-ip", defaultLimits.MaxMailboxesPerAddr, "most mailboxes open at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
+	fs.Int64Var(&cfg.limits.MaxStoredBytesPerAddr, "max-stored-bytes-per-ip", defaultLimits.MaxStoredBytesPerAddr, "most message `bytes` stored at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
-	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most allocates, claims and opens (of new or existing channels) per minute from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.commandsPerSecond, "max-commands-per-second", commandsPerSecond, "most commands per second one connection may send, after a burst of "+strconv.Itoa(commandBurst)+"; 0: no limit")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
@@ -345,6 +348,9 @@ server's where it has them.
 		{"max-nameplates", int64(cfg.limits.MaxNameplates), 1},
 		{"max-mailboxes", int64(cfg.limits.MaxMailboxes), 1},
 		{"max-stored-bytes", cfg.limits.MaxStoredBytes, 1},
+		{"max-nameplates-per-ip", int64(cfg.limits.MaxNameplatesPerAddr), 0},
+		{"max-mailboxes-per-ip", int64(cfg.limits.MaxMailboxesPerAddr), 0},
+		{"max-stored-bytes-per-ip", cfg.limits.MaxStoredBytesPerAddr, 0},
 		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
 		{"max-connections", int64(cfg.maxConns), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/netip"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -79,6 +80,13 @@ const (
 	maxAppIDLen     = 256
 	maxTokenLen     = 64 // side, phase, mood, mailbox id
 	maxNameplateLen = 40 // as the reference since 0.7.0
+
+	// maxIDLen bounds a message's "id" as the server echoes it, in every
+	// ack and in every delivery of an added message. Clients send four
+	// hex digits; re-encoding can make an id three times what came (an
+	// emoji becomes a 12-byte surrogate pair), so the bound is on what is
+	// sent back.
+	maxIDLen = 64
 )
 
 // errNotString and errTooLong name the field at fault.
@@ -338,8 +346,10 @@ type session struct {
 	bound       bool
 	appID, side string
 	didAllocate bool
+	allocated   string // the nameplate this connection allocated, if didAllocate
 	didClaim    bool
 	claimed     string // the nameplate this connection claimed, if didClaim
+	claimedBox  string // the mailbox its claim returned, if it succeeded
 	didRelease  bool
 	opened      bool     // an open (or close) named a mailbox on this connection
 	mailboxID   string   // that mailbox, if opened
@@ -375,6 +385,10 @@ func (s *session) handle(raw []byte) error {
 		return nil
 	}
 	id, _ := msg.get("id")
+	if echoedLen(id) > maxIDLen {
+		s.fail(errTooLong("id"), msg) // not acknowledged: the ack would echo it
+		return nil
+	}
 	s.send(ackFrame(id))
 	if err := s.dispatchLocked(msg, now); err != nil {
 		var pe protocolError
@@ -461,14 +475,14 @@ func (s *session) allocate(now float64) error {
 	if s.didAllocate {
 		return errGreedy
 	}
-	if !s.srv.limiter.allowNewNameplate(s.addr.ip) {
-		return errRateLimited
+	if err := s.admitLocked(holdings{nameplates: 1, mailboxes: 1}, errRateLimited); err != nil {
+		return err
 	}
-	name, err := s.srv.reg.allocateLocked(s.appID, s.side, now)
+	name, err := s.srv.reg.allocateLocked(s.appID, s.side, s.holder(), now)
 	if err != nil {
 		return err
 	}
-	s.didAllocate = true
+	s.didAllocate, s.allocated = true, name
 	s.send(allocatedFrame(name))
 	return nil
 }
@@ -484,14 +498,22 @@ func (s *session) claim(msg clientMessage, now float64) error {
 	if err != nil || !validNameplate(name) {
 		return errBadNameplate
 	}
-	if !s.srv.reg.nameplateExistsLocked(s.appID, name) && !s.srv.limiter.allowNewNameplate(s.addr.ip) {
-		return errRateLimited
+	// Every claim is admitted or refused before anything looks at the
+	// nameplate, so a refusal is the same whether it exists or not, and
+	// cannot be used to find the waiting ones. Only the nameplate this
+	// connection allocated is already paid for, while its side is on it.
+	reg := s.srv.reg
+	if !s.didAllocate || name != s.allocated || !reg.nameplateHasSideLocked(s.appID, name, s.side) {
+		if err := s.admitLocked(holdings{nameplates: 1, mailboxes: 1}, errRateLimited); err != nil {
+			return err
+		}
 	}
 	s.didClaim, s.claimed = true, name
-	id, err := s.srv.reg.claimLocked(s.appID, name, s.side, now)
+	id, err := reg.claimLocked(s.appID, name, s.side, s.holder(), now)
 	if err != nil {
 		return err
 	}
+	s.claimedBox = id
 	s.send(claimedFrame(id))
 	return nil
 }
@@ -530,13 +552,19 @@ func (s *session) open(msg clientMessage, now float64) error {
 	if err != nil {
 		return err
 	}
+	// As for claims, every open costs the same whether the mailbox exists
+	// or not (a new mailbox costs as much as a new nameplate); the one
+	// this connection's claim returned is already paid for, while its
+	// side is on it.
 	reg := s.srv.reg
-	if !reg.mailboxExistsLocked(s.appID, id) && !s.srv.limiter.allowNewNameplate(s.addr.ip) {
-		return errRateLimitedOpen // a new mailbox costs as much as a new nameplate
+	if s.claimedBox == "" || id != s.claimedBox || !reg.mailboxHasSideLocked(s.appID, id, s.side) {
+		if err := s.admitLocked(holdings{mailboxes: 1}, errRateLimitedOpen); err != nil {
+			return err
+		}
 	}
 	s.opened, s.mailboxID = true, id
 	a := reg.appLocked(s.appID)
-	mb, err := reg.openLocked(a, id, s.side, now)
+	mb, err := reg.openLocked(a, id, s.side, s.holder(), now)
 	if err != nil {
 		reg.dropIfEmptyLocked(a)
 		return err
@@ -567,7 +595,7 @@ func (s *session) add(msg clientMessage, now float64) error {
 	if id == nil {
 		id = jsonNull
 	}
-	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id})
+	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id}, s.holder())
 }
 
 func (s *session) close(msg clientMessage, now float64) error {
@@ -599,7 +627,7 @@ func (s *session) close(msg clientMessage, now float64) error {
 	if s.mailbox == nil && a.mailboxes[id] != nil {
 		// Closing without having the mailbox open opens it first, as the
 		// reference does, so a third side is refused here too (PROTOCOL.md §5.9).
-		if _, err := reg.openLocked(a, id, s.side, now); err != nil {
+		if _, err := reg.openLocked(a, id, s.side, s.holder(), now); err != nil {
 			return err
 		}
 	}
@@ -611,6 +639,24 @@ func (s *session) close(msg clientMessage, now float64) error {
 	reg.closeLocked(a, id, s.side, mood, now)
 	reg.dropIfEmptyLocked(a)
 	s.send(closedFrame())
+	return nil
+}
+
+// holder is the address what this connection's side takes is charged to.
+func (s *session) holder() netip.Addr { return addrKey(s.addr.ip) }
+
+// admitLocked decides whether the connection may take more channel
+// state: want must fit in what its address may hold (quota.go), and the
+// address's allowance of new channels (limiter in conn.go) must have room
+// for one more, else the refusal is rateErr.
+func (s *session) admitLocked(want holdings, rateErr protocolError) error {
+	if err := s.srv.reg.roomForAddrLocked(s.holder(), want); err != nil {
+		return err
+	}
+	if !s.srv.limiter.allowNewNameplate(s.addr.ip) {
+		s.srv.metrics.refused("new nameplates per address")
+		return rateErr
+	}
 	return nil
 }
 
@@ -881,13 +927,21 @@ func appendPyJSON(b, v []byte, depth int) []byte {
 		return append(b, v...)
 	}
 	f, err := strconv.ParseFloat(string(v), 64)
-	switch {
-	case err != nil && math.IsInf(f, 1):
-		return append(b, "Infinity"...)
-	case err != nil && math.IsInf(f, -1):
-		return append(b, "-Infinity"...)
+	if err != nil && math.IsInf(f, 0) {
+		// Python reads it as infinity and writes Infinity, which is not
+		// JSON; the number as it came is, and reads back the same.
+		return append(b, v...)
 	}
 	return appendPyFloat(b, f)
+}
+
+// echoedLen is the length of v as appendPyJSON writes it, 0 for none.
+func echoedLen(v json.RawMessage) int {
+	if v == nil {
+		return 0
+	}
+	var buf [64]byte // room for a usual id, which is then measured without allocating
+	return len(appendPyJSON(buf[:0], v, 0))
 }
 
 // isPlainString reports whether the JSON string literal v is printable

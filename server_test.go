@@ -39,7 +39,9 @@ type testServer struct {
 // testConfig is the configuration tests start from: state in memory,
 // default limits, no per-address limits (tests connect from one address).
 func testConfig() config {
-	return config{channelDB: ":memory:", fsync: true, blurUsage: -1, allowList: true, limits: defaultLimits,
+	l := defaultLimits
+	l.MaxNameplatesPerAddr, l.MaxMailboxesPerAddr, l.MaxStoredBytesPerAddr = 0, 0, 0
+	return config{channelDB: ":memory:", fsync: true, blurUsage: -1, allowList: true, limits: l,
 		maxMessageBytes: maxMessageBytes, logFormat: "text", pruneInterval: pruneInterval, channelExpiry: channelExpiry}
 }
 
@@ -469,8 +471,9 @@ func TestPyEcho(t *testing.T) {
 		{`1.5e300`, `1.5e+300`},
 		{`100000000000000000000.0`, `1e+20`},
 		{`3.141592653589793238`, `3.141592653589793`},
-		{`1e400`, `Infinity`},
-		{`-1e400`, `-Infinity`},
+		{`1e400`, `1e400`}, // Python writes Infinity, which is not JSON (a deliberate difference)
+		{`-1e400`, `-1e400`},
+		{`[1e999999]`, `[1e999999]`},
 		{`true`, `true`},
 		{`null`, `null`},
 	} {

@@ -624,7 +624,7 @@ func TestCompactionEquivalence(t *testing.T) {
 	r1.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb2), "message")
 	s1.expect(`{"type": "release"}`, "released")
 
-	// A third side crowds a nameplate; its claim is still recorded.
+	// A third side crowds a nameplate; it is refused and not recorded.
 	tick()
 	c3 := dial("app1", "c3")
 	c3.expectError(`{"type": "claim", "nameplate": "2"}`, "crowded")

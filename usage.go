@@ -358,7 +358,7 @@ func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pr
 	if pruned {
 		result = resultPruney
 	}
-	if len(times) > crowdedSides {
+	if len(times) > crowdedSides || np.crowded {
 		result = resultCrowded
 	}
 	u.write(&nameplateUsage{Type: usageNameplate, AppID: appID,
@@ -382,7 +382,7 @@ func (u *usageLog) mailboxRetired(mb *mailbox, now float64, pruned bool) {
 	started, total, waiting := u.timing(times, now)
 	var result string
 	switch {
-	case len(times) > crowdedSides:
+	case len(times) > crowdedSides || mb.crowded: // more only in a journal of an older server
 		result = resultCrowded
 	case pruned:
 		result = resultPruney
