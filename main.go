@@ -143,8 +143,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(cfg.logFormat, stderr)
-	srv, err := newServer(cfg, log)
+	srv, err := openServer(ctx, cfg, log)
 	if err != nil {
+		if ctx.Err() != nil { // asked to stop while starting: nothing was served
+			log.Info("stopped while starting", "err", err)
+			return nil
+		}
 		return err
 	}
 	defer srv.close()
@@ -208,7 +212,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			srv.reopen(cert)
 			continue
 		case err = <-serveErr:
-		case err = <-srv.failed:
 		case <-ctx.Done():
 		}
 		break
@@ -489,7 +492,6 @@ type server struct {
 	metrics     *metrics
 	limiter     *limiter
 	log         *slog.Logger
-	failed      chan error // the journal failed, and the server must stop
 	stopPruning context.CancelFunc
 	pruned      chan struct{} // closed when the prune loop has stopped
 
@@ -522,12 +524,17 @@ type server struct {
 // newServer opens the journal and usage log, replays the journal, and
 // prunes what expired while the server was down.
 func newServer(cfg config, log *slog.Logger) (*server, error) {
+	return openServer(context.Background(), cfg, log)
+}
+
+// openServer is newServer, stopping the replay of the journal when ctx
+// ends (a long one can take seconds, and SIGTERM must work meanwhile).
+func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
 		metrics:             m,
 		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.maxConns, cfg.nameplatesPerMin),
 		log:                 log,
-		failed:              make(chan error, 1),
 		welcome:             cfg.welcome,
 		serverHeader:        "Magic Wormhole Mailbox (Go) " + version,
 		trustHeader:         cfg.trustProxyHeader,
@@ -552,7 +559,7 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
-		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m, srv.journalFailed)
+		journal, err := openStore(ctx, cfg.channelDB, cfg.fsync, srv.reg, log, m)
 		if err != nil {
 			usage.close()
 			return nil, err
@@ -570,15 +577,6 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	srv.stopPruning, srv.pruned = cancel, make(chan struct{})
 	go srv.pruneEvery(ctx, cfg.pruneInterval, cfg.channelExpiry)
 	return srv, nil
-}
-
-// journalFailed is told when the journal can make nothing more durable.
-// Every reply from then on would wait forever, so run stops the server.
-func (srv *server) journalFailed(err error) {
-	select {
-	case srv.failed <- err:
-	default:
-	}
 }
 
 // now is the server's clock in Unix seconds, the unit of the protocol.
@@ -730,7 +728,8 @@ func (srv *server) reopen(cert *certificate) {
 	}
 }
 
-// healthy reports whether the server can do its job.
+// healthy reports whether the server can do its job: not while shutting
+// down, nor while the journal is unwritable (changes are refused).
 func (srv *server) healthy() error {
 	if srv.closed.Load() {
 		return errShutdown

@@ -136,7 +136,7 @@ func openUsageLog(path string, blur int, log *slog.Logger, m *metrics) (*usageLo
 	}
 	f, err := openAppend(path)
 	if err != nil {
-		return nil, err
+		return nil, startupError("usage log (--usage-db)", path, err)
 	}
 	u := &usageLog{path: path, blur: blur, log: log, m: m,
 		queue: make(chan []byte, usageQueueLen), requests: make(chan usageRequest), done: make(chan struct{})}
@@ -444,6 +444,7 @@ type metrics struct {
 	refusals         expvar.Map // requests refused by a limit, by limit
 	dropped          expvar.Map // connections that ended other than by the client's close frame, by reason
 	journalSyncs     expvar.Int // fsyncs of the channel journal
+	journalFailures  expvar.Int // failed writes, fsyncs and retries of the channel journal
 	journalBytes     expvar.Int // bytes appended to the channel journal
 	compactions      expvar.Int // rewrites of the channel journal
 	usageRecords     expvar.Int // usage records written
@@ -462,7 +463,7 @@ func newMetrics() *metrics {
 		"nameplates": &m.nameplates, "mailboxes": &m.mailboxes,
 		"messages": &m.messages, "messages_delivered": &m.delivered, "frames_sent": &m.framesSent,
 		"client_errors": &m.clientErrors, "refusals": &m.refusals, "dropped": &m.dropped,
-		"journal_syncs": &m.journalSyncs, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
+		"journal_syncs": &m.journalSyncs, "journal_failures": &m.journalFailures, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
 		"usage_records": &m.usageRecords, "usage_errors": &m.usageErrors,
 		"goroutines": expvar.Func(func() any { return runtime.NumGoroutine() }),
 	} {
