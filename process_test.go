@@ -802,3 +802,66 @@ func TestPythonClientAcrossRestart(t *testing.T) {
 		t.Errorf("%d clients bound to the restarted server, want the sender back and the receiver", n)
 	}
 }
+
+// TestStartOnFullDisk starts the server on a journal whose disk is full:
+// replay needs no space, so it starts; the first change waits for room,
+// the server says it is unhealthy, and once space is freed the change is
+// made and answered.
+func TestStartOnFullDisk(t *testing.T) {
+	now := float64(time.Now().Unix())
+	text := journalText(
+		withChecksum(fmt.Sprintf(`{"kind":"mailbox","app":"app","mailbox":"m","updated":%v,"sides":[{"side":"a","added":%v,"opened":true}]}`, now, now)),
+		withChecksum(fmt.Sprintf(`{"kind":"message","app":"app","mailbox":"m","side":"a","phase":"pake","body":"aabb","server_rx":%v,"id":"kept"}`, now)))
+	// A last line that changes nothing fills the file to a whole page, so
+	// that the next line needs a new one, which the full disk cannot give.
+	padLine := func(name string) string {
+		return withChecksum(`{"kind":"nameplate","app":"pad","name":"` + name + `","mailbox":"","deleted":true}`)
+	}
+	pad := padLine(strings.Repeat("x", 8192-len(text)-len(padLine(""))-1))
+	text += pad + "\n"
+	if len(text) != 8192 {
+		t.Fatalf("journal of %d bytes", len(text))
+	}
+	journal := filepath.Join(t.TempDir(), "journal.jsonl")
+	os.WriteFile(journal, []byte(text), 0o600)
+
+	d := startOnSmallDisk(t, 256<<10, `cp "$2" "$1/channel.jsonl" && chmod 600 "$1/channel.jsonl" || exit 98
+cat /dev/zero > "$1/filler" 2>/dev/null`, journal)
+	c, err := dialWS(d.url())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromC := reader(c)
+	c.send(`{"type": "bind", "appid": "app", "side": "b"}`)
+	c.send(`{"type": "open", "mailbox": "m"}`)
+	text = d.waitHealth(http.StatusServiceUnavailable)
+	if !strings.Contains(text, d.disk+"/channel.jsonl") || !strings.Contains(text, "no space left on device") {
+		t.Errorf("/healthz says %q", text)
+	}
+	if err := os.Remove(d.inside("filler")); err != nil {
+		t.Fatal(err)
+	}
+	if m := receive(t, fromC, "message"); m.str("id") != "kept" {
+		t.Fatalf("after space came back, the open was answered with %v", m)
+	}
+	d.waitHealth(http.StatusOK)
+	d.signal(syscall.SIGTERM)
+	if err := d.wait(); err != nil {
+		t.Fatalf("the server exited with %v", err)
+	}
+}
+
+// TestStartupErrorsProcess runs the binary with a journal in a directory
+// that does not exist: it must exit at once with status 1, naming the
+// directory (it used to spin, silent, ignoring SIGTERM).
+func TestStartupErrorsProcess(t *testing.T) {
+	bin := buildServer(t)
+	missing := filepath.Join(t.TempDir(), "no-such-dir")
+	p := startProc(t, serverArgs(bin, missing+"/channel.jsonl")...)
+	err := p.wait()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("the server exited with %v, want status 1", err)
+	}
+	p.waitLine("wormhole-mailbox: journal (--channel-db) "+missing+"/channel.jsonl", "the directory "+missing+" does not exist")
+}
