@@ -108,6 +108,7 @@ type config struct {
 	channelDB        string
 	fsync            bool
 	usageDB          string
+	usageRate        int // --max-usage-log-rate
 	blurUsage        int
 	welcome          welcomeInfo
 	allowList        bool
@@ -282,6 +283,7 @@ server's where it has them.
 	fs.StringVar(&cfg.channelDB, "channel-db", "relay.jsonl", "journal `file` that keeps channel state across restarts; :memory: keeps none")
 	fsyncMode := fs.String("fsync", "always", "`always`: make every change durable before answering; never: leave it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
 	fs.StringVar(&cfg.usageDB, "usage-db", "", "usage log `file` (JSON lines); none by default")
+	fs.IntVar(&cfg.usageRate, "max-usage-log-rate", defaultUsageBytesPerSecond, "most `bytes` per second the usage log grows by (records past it are dropped and counted); 0: no limit")
 	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses")
 	fs.StringVar(&cfg.welcome.currentCLIVersion, "advertise-version", "", "tell clients this is the current client `version`")
 	fs.StringVar(&cfg.welcome.signalError, "signal-error", "", "tell every client this `error` and so refuse service")
@@ -342,6 +344,7 @@ server's where it has them.
 		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
 		{"max-connections", int64(cfg.maxConns), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
+		{"max-usage-log-rate", int64(cfg.usageRate), 0},
 	} {
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
@@ -552,7 +555,7 @@ func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, err
 	var usage *usageLog
 	if cfg.usageDB != "" {
 		var err error
-		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, log, m); err != nil {
+		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, cfg.usageRate, log, m); err != nil {
 			return nil, err
 		}
 	}
