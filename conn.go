@@ -887,9 +887,11 @@ func (c *connection) flush() {
 	}
 }
 
-// writeBatch sends a batch of frames, once the journal holds what they report.
+// writeBatch sends a batch of frames, once the journal holds what they
+// report; while the journal is unwritable, the batch waits unless the
+// connection is closing.
 func (c *connection) writeBatch(batch []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(batchLSN(batch)); err != nil {
+	if err := c.srv.reg.journal.waitDurable(batchLSN(batch), c.isClosing); err != nil {
 		return err
 	}
 	c.batch.begin()

@@ -9,6 +9,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -501,7 +502,7 @@ func replayBytes(t *testing.T, dir string, data []byte) (*registry, int64, error
 	}
 	defer f.Close()
 	reg := newRegistry(defaultLimits, true, nil, nil, newMetrics())
-	good, err := replay(f, path, reg)
+	good, _, err := replay(context.Background(), f, path, reg)
 	return reg, good, err
 }
 

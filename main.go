@@ -118,6 +118,7 @@ type config struct {
 	channelDB         string
 	fsync             bool
 	usageDB           string
+	usageRate         int // --max-usage-log-rate
 	blurUsage         int
 	welcome           welcomeInfo
 	allowList         bool
@@ -154,8 +155,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(cfg.logFormat, stderr)
-	srv, err := newServer(cfg, log)
+	srv, err := openServer(ctx, cfg, log)
 	if err != nil {
+		if ctx.Err() != nil { // asked to stop while starting: nothing was served
+			log.Info("stopped while starting", "err", err)
+			return nil
+		}
 		return err
 	}
 	defer srv.close()
@@ -212,7 +217,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			srv.reopen(cert)
 			continue
 		case err = <-serveErr:
-		case err = <-srv.failed:
 		case <-ctx.Done():
 		}
 		break
@@ -283,6 +287,7 @@ server's where it has them.
 	fs.StringVar(&cfg.channelDB, "channel-db", "relay.jsonl", "journal `file` that keeps channel state across restarts; :memory: keeps none")
 	fsyncMode := fs.String("fsync", "always", "`mode`: always makes every change durable before answering; never leaves it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
 	fs.StringVar(&cfg.usageDB, "usage-db", "", "usage log `file` (JSON lines); none by default")
+	fs.IntVar(&cfg.usageRate, "max-usage-log-rate", defaultUsageBytesPerSecond, "most `bytes` per second the usage log grows by (records past it are dropped and counted); 0: no limit")
 	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses; -1: no blurring")
 	fs.StringVar(&cfg.welcome.currentCLIVersion, "advertise-version", "", "tell clients this is the current client `version`")
 	fs.StringVar(&cfg.welcome.signalError, "signal-error", "", "tell every client this `error` and so refuse service")
@@ -355,6 +360,7 @@ server's where it has them.
 		{"max-connections", int64(cfg.maxConns), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
 		{"max-commands-per-second", int64(cfg.commandsPerSecond), 0},
+		{"max-usage-log-rate", int64(cfg.usageRate), 0},
 	} {
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
@@ -512,7 +518,6 @@ type server struct {
 	gate        *connGate // counts every TCP connection (limits.go)
 	limiter     *limiter
 	log         *slog.Logger
-	failed      chan error // the journal failed, and the server must stop
 	stopPruning context.CancelFunc
 	pruned      chan struct{} // closed when the prune loop has stopped
 
@@ -555,12 +560,17 @@ type server struct {
 // newServer opens the journal and usage log, replays the journal, and
 // prunes what expired while the server was down.
 func newServer(cfg config, log *slog.Logger) (*server, error) {
+	return openServer(context.Background(), cfg, log)
+}
+
+// openServer is newServer, stopping the replay of the journal when ctx
+// ends (a long one can take seconds, and SIGTERM must work meanwhile).
+func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
 		metrics:             m,
 		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.nameplatesPerMin),
 		log:                 log,
-		failed:              make(chan error, 1),
 		welcome:             cfg.welcome,
 		serverHeader:        "Magic Wormhole Mailbox (Go) " + version,
 		trustHeader:         cfg.trustProxyHeader,
@@ -583,14 +593,14 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	var usage *usageLog
 	if cfg.usageDB != "" {
 		var err error
-		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, log, m); err != nil {
+		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, cfg.usageRate, log, m); err != nil {
 			return nil, err
 		}
 	}
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
-		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m, srv.journalFailed)
+		journal, err := openStore(ctx, cfg.channelDB, cfg.fsync, srv.reg, log, m)
 		if err != nil {
 			usage.close()
 			return nil, err
@@ -657,15 +667,6 @@ func (srv *server) httpServer(log *slog.Logger) *http.Server {
 // slotKey is the request context key of the gate's record of the
 // connection (a *connSlot).
 type slotKey struct{}
-
-// journalFailed is told when the journal can make nothing more durable.
-// Every reply from then on would wait forever, so run stops the server.
-func (srv *server) journalFailed(err error) {
-	select {
-	case srv.failed <- err:
-	default:
-	}
-}
 
 // now is the server's clock in Unix seconds, the unit of the protocol.
 func (srv *server) now() float64 {
@@ -848,7 +849,8 @@ func (srv *server) reopen(cert *certificate) {
 	}
 }
 
-// healthy reports whether the server can do its job.
+// healthy reports whether the server can do its job: not while shutting
+// down, nor while the journal is unwritable (changes are refused).
 func (srv *server) healthy() error {
 	if srv.closed.Load() {
 		return errShutdown

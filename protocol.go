@@ -63,6 +63,7 @@ const (
 	errStoreFull         = protocolError("the server holds too many messages, try again later")
 	errRateLimited       = protocolError("too many new nameplates from your address, try again later")
 	errRateLimitedOpen   = protocolError("too many new mailboxes from your address, try again later")
+	errCannotSave        = protocolError("the server cannot save changes right now, try again later")
 )
 
 // Errors a client finds in its welcome message when it may not stay; the
@@ -355,12 +356,17 @@ type session struct {
 	mailboxID   string   // that mailbox, if opened
 	mailbox     *mailbox // the mailbox this connection is subscribed to, or nil
 	didClose    bool
+	handling    bool // a message of this session's is being handled (see handle)
 }
 
 // send queues a frame for the client. It must be called with the registry
 // locked, so that frames leave in the order the registry changed.
 func (s *session) send(frame []byte) {
-	s.out.enqueue(frame, s.srv.reg.journal.lastLSN())
+	lsn := s.srv.reg.journal.lastLSN()
+	if s.handling {
+		lsn = 0 // the message's release says what its replies depend on
+	}
+	s.out.enqueue(frame, lsn)
 }
 
 // handle runs one client message: the dispatch order of PROTOCOL.md §4.2. A non-nil
@@ -378,8 +384,21 @@ func (s *session) handle(raw []byte) error {
 	// The ack is queued before the changes it acknowledges, so the
 	// frames wait (held) until the handling is done, and then for the
 	// journal to hold what it changed.
+	// A message that neither changes nor shows the registry (a ping, a
+	// bind, a change refused because the journal is unwritable) depends on
+	// no journal line, so its replies reach the client while the journal
+	// waits for the disk.
 	s.out.hold()
-	defer func() { s.out.release(reg.journal.lastLSN()) }() // before the unlock: deferred calls run last first
+	s.handling = true
+	showsNothing := false
+	defer func() { // before the unlock: deferred calls run last first
+		s.handling = false
+		lsn := reg.journal.lastLSN()
+		if showsNothing {
+			lsn = 0
+		}
+		s.out.release(lsn)
+	}()
 	if !msg.has("type") {
 		s.fail(errMissingType, msg)
 		return nil
@@ -390,7 +409,9 @@ func (s *session) handle(raw []byte) error {
 		return nil
 	}
 	s.send(ackFrame(id))
-	if err := s.dispatchLocked(msg, now); err != nil {
+	err = s.dispatchLocked(msg, now)
+	showsNothing = msg.typ() == "ping" || msg.typ() == "bind" || errors.Is(err, errCannotSave)
+	if err != nil {
 		var pe protocolError
 		if !errors.As(err, &pe) {
 			return err
@@ -415,6 +436,12 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	}
 	if !s.bound {
 		return errMustBind
+	}
+	switch typ {
+	case "allocate", "claim", "release", "open", "add", "close":
+		if !s.srv.reg.journal.writable() {
+			return errCannotSave
+		}
 	}
 	switch typ {
 	case "list":

@@ -6,6 +6,8 @@
 // Usage records are written by their own goroutine from a bounded queue,
 // so a slow, full or failing disk never holds up a transfer: a record that
 // does not fit in the queue, or cannot be written, is counted and dropped.
+// The log grows at a bounded rate, so a flood cannot fill the disk it
+// shares with the journal (see defaultUsageBytesPerSecond).
 package main
 
 import (
@@ -28,6 +30,21 @@ import (
 // transfer makes about five, so this absorbs bursts of hundreds of
 // transfers while the disk stalls.
 const usageQueueLen = 4096
+
+// The usage log grows by at most defaultUsageBytesPerSecond
+// (--max-usage-log-rate), after a burst of usageBurstBytes. As the
+// reference does, every bind writes a client_version record, and a bind
+// costs a client nothing else: a flood of binds from four addresses grew
+// the log 7.6 MB/s. A busy server (ten transfers a second, each a few
+// binds and retired channels) writes about 7 kB/s; past the rate, records
+// are counted (refusals "usage log rate") and dropped. Channels' records
+// come first: a client_version record is written only while more than
+// half the burst is left, so binds never take the half that keeps the
+// nameplate, mailbox and current records of transfers.
+const (
+	defaultUsageBytesPerSecond = 16 << 10
+	usageBurstBytes            = 1 << 20
+)
 
 // usageBatchBytes is about the most the writer puts in one write: enough
 // to take a burst in a few system calls, small enough to keep its buffer
@@ -113,9 +130,12 @@ type usageLog struct {
 	blur int // --blur-usage: round start times down to this many seconds if > 0; < 0 when not given
 	log  *slog.Logger
 	m    *metrics
+	rate float64 // bytes per second the log may grow; 0: no bound
 
-	mu       sync.Mutex // guards closed, so that nothing is queued after close
+	mu       sync.Mutex // guards closed, so that nothing is queued after close, and the allowance
 	closed   bool
+	allowed  float64 // bytes that may be written now, at most usageBurstBytes
+	allowAt  float64 // when allowed was last brought up to date (server clock)
 	queue    chan []byte
 	requests chan usageRequest
 	done     chan struct{} // closed when the writer has finished
@@ -129,16 +149,17 @@ type usageRequest struct {
 }
 
 // openUsageLog opens (creating) the usage log and starts its writer. A
-// negative blur means --blur-usage was not given.
-func openUsageLog(path string, blur int, log *slog.Logger, m *metrics) (*usageLog, error) {
+// negative blur means --blur-usage was not given; rate bounds the bytes
+// written per second (0: no bound).
+func openUsageLog(path string, blur int, rate int, log *slog.Logger, m *metrics) (*usageLog, error) {
 	if err := notSQLite(path, "--usage-db"); err != nil {
 		return nil, err
 	}
 	f, err := openAppend(path)
 	if err != nil {
-		return nil, err
+		return nil, startupError("usage log (--usage-db)", path, err)
 	}
-	u := &usageLog{path: path, blur: blur, log: log, m: m,
+	u := &usageLog{path: path, blur: blur, log: log, m: m, rate: float64(rate), allowed: usageBurstBytes,
 		queue: make(chan []byte, usageQueueLen), requests: make(chan usageRequest), done: make(chan struct{})}
 	go u.run(f)
 	return u, nil
@@ -299,8 +320,10 @@ func (u *usageLog) close() {
 	<-u.done
 }
 
-// write queues a record, or counts it as lost if the queue is full.
-func (u *usageLog) write(rec any) {
+// write queues a record, or counts it as lost if the queue is full. now
+// is the server's clock, for the rate; channel says the record is of a
+// channel (not a client_version), and may use the whole burst.
+func (u *usageLog) write(rec any, now float64, channel bool) {
 	line, err := json.Marshal(rec)
 	if err != nil { // a time that is not a number, from a corrupt journal
 		u.m.usageErrors.Add(1)
@@ -314,11 +337,36 @@ func (u *usageLog) write(rec any) {
 		u.m.usageErrors.Add(1)
 		return
 	}
+	if !u.allowLocked(len(line), now, channel) {
+		u.m.refused("usage log rate")
+		return
+	}
 	select {
 	case u.queue <- line:
 	default:
 		u.m.usageErrors.Add(1)
 	}
+}
+
+// allowLocked takes n bytes from the allowance, if it has them, at the
+// server time now. A client_version record must leave half the burst.
+func (u *usageLog) allowLocked(n int, now float64, channel bool) bool {
+	if u.rate == 0 {
+		return true
+	}
+	if now > u.allowAt {
+		u.allowed = min(usageBurstBytes, u.allowed+(now-u.allowAt)*u.rate)
+	}
+	u.allowAt = now // a clock stepped back refills nothing until it passes the last time
+	need := float64(n)
+	if !channel {
+		need += usageBurstBytes / 2
+	}
+	if u.allowed < need {
+		return false
+	}
+	u.allowed -= float64(n)
+	return true
 }
 
 // blurred rounds t down to a multiple of the blur interval (PROTOCOL.md §11.5).
@@ -336,7 +384,7 @@ func (u *usageLog) bound(appID, side string, now float64, impl, version *string)
 		return
 	}
 	u.write(&clientVersionUsage{Type: usageClientVersion, AppID: appID, Side: side,
-		ConnectTime: u.blurred(now), Implementation: impl, Version: version})
+		ConnectTime: u.blurred(now), Implementation: impl, Version: version}, now, false)
 }
 
 // nameplateRetired records a nameplate that was deleted (PROTOCOL.md §11.1): "lonely"
@@ -362,7 +410,7 @@ func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pr
 		result = resultCrowded
 	}
 	u.write(&nameplateUsage{Type: usageNameplate, AppID: appID,
-		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
+		Started: started, TotalTime: total, WaitingTime: waiting, Result: result}, now, true)
 }
 
 // mailboxRetired records a mailbox that was deleted (PROTOCOL.md §11.2). The result is
@@ -398,7 +446,7 @@ func (u *usageLog) mailboxRetired(mb *mailbox, now float64, pruned bool) {
 		result = resultHappy
 	}
 	u.write(&mailboxUsage{Type: usageMailbox, AppID: mb.app.id, ForNameplate: mb.forNameplate,
-		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
+		Started: started, TotalTime: total, WaitingTime: waiting, Result: result}, now, true)
 }
 
 // timing computes what nameplate and mailbox records share from the times
@@ -427,7 +475,7 @@ func (u *usageLog) current(rebooted, now float64, connections int) {
 	if u.blur >= 0 {
 		rec.BlurTime = &u.blur
 	}
-	u.write(rec)
+	u.write(rec, now, true)
 }
 
 // metrics are the live counters, served as JSON on the metrics address
@@ -444,6 +492,7 @@ type metrics struct {
 	refusals         expvar.Map // requests refused by a limit, by limit
 	dropped          expvar.Map // connections that ended other than by the client's close frame, by reason
 	journalSyncs     expvar.Int // fsyncs of the channel journal
+	journalFailures  expvar.Int // failed writes, fsyncs and retries of the channel journal
 	journalBytes     expvar.Int // bytes appended to the channel journal
 	compactions      expvar.Int // rewrites of the channel journal
 	usageRecords     expvar.Int // usage records written
@@ -462,7 +511,7 @@ func newMetrics() *metrics {
 		"nameplates": &m.nameplates, "mailboxes": &m.mailboxes,
 		"messages": &m.messages, "messages_delivered": &m.delivered, "frames_sent": &m.framesSent,
 		"client_errors": &m.clientErrors, "refusals": &m.refusals, "dropped": &m.dropped,
-		"journal_syncs": &m.journalSyncs, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
+		"journal_syncs": &m.journalSyncs, "journal_failures": &m.journalFailures, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
 		"usage_records": &m.usageRecords, "usage_errors": &m.usageErrors,
 		"goroutines": expvar.Func(func() any { return runtime.NumGoroutine() }),
 	} {
