@@ -1150,6 +1150,10 @@ func pingFlood(a *attacker) {
 		for n := range pingFloodBatch {
 			batch = append(batch, attackFrame(true, attackOpText, fmt.Appendf(nil, `{"type": "ping", "ping": %d}`, n))...)
 		}
+		if c.write(batch) != nil { // the first batch before the attack counts as set up
+			return
+		}
+		a.sent.Add(pingFloodBatch)
 		a.spawn(func() {
 			for !a.stopped() {
 				if c.write(batch) != nil {
@@ -1230,22 +1234,32 @@ func noRead(a *attacker) {
 func bindFlood(a *attacker) {
 	var binds atomic.Int64
 	start := time.Now()
+	var first sync.WaitGroup // every loop has made its first attempt
 	for k, ip := range a.addrs {
 		for j := range a.conns {
+			bind := func(i int) {
+				c, err := a.welcomed(ip, attackApp("bind-flood"), fmt.Sprintf("b%d-%d-%d", k, j, i), 0)
+				if err != nil {
+					return
+				}
+				if err := c.do(`{"type": "ping", "ping": 1}`); err == nil {
+					binds.Add(1)
+				} else {
+					a.account(err)
+				}
+				c.Close()
+			}
+			first.Add(1)
 			a.spawn(func() {
-				for i := 0; !a.stopped(); i++ {
-					c, err := a.welcomed(ip, attackApp("bind-flood"), fmt.Sprintf("b%d-%d-%d", k, j, i), 0)
-					if err != nil {
-						continue
-					}
-					if err := c.do(`{"type": "ping", "ping": 1}`); err == nil {
-						binds.Add(1)
-					}
-					c.Close()
+				bind(0)
+				first.Done()
+				for i := 1; !a.stopped(); i++ {
+					bind(i)
 				}
 			})
 		}
 	}
+	first.Wait()
 	a.ready()
 	a.spawn(func() {
 		<-a.stop
