@@ -86,6 +86,14 @@ const attackPingInterval = 5 * time.Second
 // and the last one that fits is not refused for its own size.
 const attackBodyLen = 240 << 10
 
+// When the server's store refuses a body, store-fill halves it, down to
+// attackMinBody bytes and at most attackTopUps times, so that the store
+// ends full to the last KiB.
+const (
+	attackMinBody = 1 << 10
+	attackTopUps  = 16
+)
+
 // attackAddsPerMailbox bounds the adds into one mailbox, in case a
 // server accepts far more than its documented mailbox size.
 const attackAddsPerMailbox = 16
@@ -1047,17 +1055,28 @@ func (a *attacker) fillMailbox(c *attackConn, mailbox string) (int, error) {
 		return 0, err
 	}
 	body := strings.Repeat("a", attackBodyLen)
-	for n := range attackAddsPerMailbox {
+	n := 0
+	for range attackAddsPerMailbox + attackTopUps {
 		if a.stopped() {
 			return n, nil
 		}
 		err := c.do(`{"type": "add", "phase": "%d", "body": %q, "id": "0003"}`, n, body)
 		a.sent.Add(1)
-		if err != nil {
+		var r errRefused
+		switch {
+		case err == nil:
+			n++
+			if n == attackAddsPerMailbox {
+				return n, nil
+			}
+		case errors.As(err, &r) && string(r) == errStoreFull.Error() && len(body) > attackMinBody:
+			a.refusal(string(r))
+			body = body[:len(body)/2] // top the store up with what still fits
+		default:
 			return n, err
 		}
 	}
-	return attackAddsPerMailbox, nil
+	return n, nil
 }
 
 // storeFill: each address opens up to --attack-conns mailboxes, in
@@ -1089,7 +1108,7 @@ func storeFill(a *attacker) {
 		}()
 	}
 	wg.Wait()
-	a.note("%d bodies of %d KiB accepted (%d MiB)", stored.Load(), attackBodyLen>>10, stored.Load()*attackBodyLen>>20)
+	a.note("%d bodies of up to %d KiB accepted", stored.Load(), attackBodyLen>>10)
 	a.ready()
 }
 

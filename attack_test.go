@@ -83,7 +83,7 @@ func TestAttackHolds(t *testing.T) {
 func TestAttackStoreFill(t *testing.T) {
 	ts := startServer(t, testConfig())
 	r := runTestAttack(t, ts, "store-fill", 2, 2)
-	if r.Opened != 4 || !hasNote(r, "bodies of 240 KiB accepted") {
+	if r.Opened != 4 || !hasNote(r, "bodies of up to 240 KiB accepted") {
 		t.Errorf("opened %d, notes %q", r.Opened, r.Notes)
 	}
 	// attackAddsPerMailbox bodies are more than a default mailbox holds.
