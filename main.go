@@ -15,6 +15,7 @@
 //	usage.go     the usage log and the live counters
 //	stats.go     the "stats" command, which summarises a usage log
 //	load.go      the "load" command, a load driver for benchmarks
+//	attack.go    the load command's attack mode, resource attacks on a server of your own
 package main
 
 import (
