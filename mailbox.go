@@ -537,6 +537,30 @@ func (r *registry) subscribeLocked(mb *mailbox, s *session) {
 	}
 }
 
+// maxSubscribersPerSide is how many connections may have one mailbox
+// open for the same side at once. A client has one; after its network
+// drops it reconnects and opens again while the server may not yet have
+// noticed the old connection is gone, so a few are allowed. More would
+// only let one client multiply what each message costs to deliver (and
+// what a mailbox's replay costs) by opening it again and again.
+const maxSubscribersPerSide = 4
+
+// subscribersOfSideLocked counts the connections subscribed to mailbox id
+// of the app for side.
+func (r *registry) subscribersOfSideLocked(appID, id, side string) int {
+	a := r.apps[appID]
+	if a == nil || a.mailboxes[id] == nil {
+		return 0
+	}
+	n := 0
+	for _, sub := range a.mailboxes[id].subscribers {
+		if sub.side == side {
+			n++
+		}
+	}
+	return n
+}
+
 // unsubscribeLocked stops delivering mb's messages to s.
 func (r *registry) unsubscribeLocked(mb *mailbox, s *session) {
 	if i := slices.Index(mb.subscribers, s); i >= 0 {

@@ -53,17 +53,18 @@ const (
 // no limit at all. Clients treat any error as fatal, so each one says what
 // was wrong.
 const (
-	errBadNameplate      = protocolError("'nameplate' must be 1 to 40 digits")
-	errBadClientVersion  = protocolError("'client_version' must be a list of two strings")
-	errNoFreeNameplate   = protocolError("unable to find a free nameplate-id")
-	errTooManyNameplates = protocolError("too many nameplates")
-	errTooManyMailboxes  = protocolError("too many mailboxes")
-	errTooManyMessages   = protocolError("too many messages in this mailbox")
-	errMailboxFull       = protocolError("mailbox is full")
-	errStoreFull         = protocolError("the server holds too many messages, try again later")
-	errRateLimited       = protocolError("too many new nameplates from your address, try again later")
-	errRateLimitedOpen   = protocolError("too many new mailboxes from your address, try again later")
-	errCannotSave        = protocolError("the server cannot save changes right now, try again later")
+	errBadNameplate       = protocolError("'nameplate' must be 1 to 40 digits")
+	errBadClientVersion   = protocolError("'client_version' must be a list of two strings")
+	errNoFreeNameplate    = protocolError("unable to find a free nameplate-id")
+	errTooManyNameplates  = protocolError("too many nameplates")
+	errTooManyMailboxes   = protocolError("too many mailboxes")
+	errTooManyMessages    = protocolError("too many messages in this mailbox")
+	errMailboxFull        = protocolError("mailbox is full")
+	errStoreFull          = protocolError("the server holds too many messages, try again later")
+	errRateLimited        = protocolError("too many new nameplates from your address, try again later")
+	errTooManySubscribers = protocolError("this mailbox is open on too many connections for your side")
+	errRateLimitedOpen    = protocolError("too many new mailboxes from your address, try again later")
+	errCannotSave         = protocolError("the server cannot save changes right now, try again later")
 )
 
 // Errors a client finds in its welcome message when it may not stay; the
@@ -588,6 +589,10 @@ func (s *session) open(msg clientMessage, now float64) error {
 		if err := s.admitLocked(holdings{mailboxes: 1}, errRateLimitedOpen); err != nil {
 			return err
 		}
+	}
+	if reg.subscribersOfSideLocked(s.appID, id, s.side) >= maxSubscribersPerSide {
+		reg.metrics.refused("subscribers per side")
+		return errTooManySubscribers
 	}
 	s.opened, s.mailboxID = true, id
 	a := reg.appLocked(s.appID)

@@ -651,3 +651,35 @@ func checkHoldings(reg *registry, withinLimits bool) error {
 	}
 	return nil
 }
+
+// TestSubscribersPerSide checks that one side may have a mailbox open on
+// at most maxSubscribersPerSide connections at once: more are refused,
+// the other side is not, and a connection that leaves makes room again.
+func TestSubscribersPerSide(t *testing.T) {
+	ts := startServer(t, testConfig())
+	var conns []*testClient
+	for range maxSubscribersPerSide {
+		c, _ := ts.dial(t)
+		c.bind("app", "a")
+		c.expect(`{"type": "open", "mailbox": "mb"}`)
+		conns = append(conns, c)
+	}
+	extra, _ := ts.dial(t)
+	extra.bind("app", "a")
+	extra.expectError(`{"type": "open", "mailbox": "mb"}`, string(errTooManySubscribers))
+	other, _ := ts.dial(t)
+	other.bind("app", "b")
+	other.expect(`{"type": "open", "mailbox": "mb"}`)
+	conns[0].leave()
+	waitFor(t, "the connection that left to be unsubscribed", func() bool {
+		ts.reg.mu.Lock()
+		defer ts.reg.mu.Unlock()
+		return ts.reg.subscribersOfSideLocked("app", "mb", "a") < maxSubscribersPerSide
+	})
+	again, _ := ts.dial(t)
+	again.bind("app", "a")
+	again.expect(`{"type": "open", "mailbox": "mb"}`)
+	if got := ts.metrics.refusals.Get("subscribers per side"); got == nil || got.String() != "1" {
+		t.Errorf("refusals counted: %v, want 1", got)
+	}
+}
