@@ -229,6 +229,19 @@ func newRegistry(l limits, allowList bool, journal *store, usage *usageLog, m *m
 	}
 }
 
+// count returns how many nameplates, mailboxes and stored messages the
+// registry holds.
+func (r *registry) count() (nameplates, mailboxes, messages int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.apps {
+		for _, mb := range a.mailboxes {
+			messages += len(mb.messages)
+		}
+	}
+	return r.nameplateN, r.mailboxN, messages
+}
+
 // appLocked returns the app with this id, creating it if needed.
 func (r *registry) appLocked(id string) *app {
 	a := r.apps[id]

@@ -601,12 +601,16 @@ func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, err
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
+		began := time.Now()
 		journal, err := openStore(ctx, cfg.channelDB, cfg.fsync, srv.reg, log, m)
 		if err != nil {
 			usage.close()
 			return nil, err
 		}
 		srv.reg.journal = journal
+		nameplates, mailboxes, messages := srv.reg.count()
+		log.Info("restored channels", "nameplates", nameplates, "mailboxes", mailboxes, "messages", messages,
+			"file", cfg.channelDB, "ms", time.Since(began).Milliseconds())
 	}
 	if !cfg.allowList {
 		log.Info("listing of allocated nameplates disallowed")

@@ -782,3 +782,23 @@ func TestLoadInterrupted(t *testing.T) {
 		t.Fatalf("load interrupted: %v, want %v", err, context.Canceled)
 	}
 }
+
+// TestStartLogsRestored checks that the server says at start what it
+// restored from its journal.
+func TestStartLogsRestored(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "relay.jsonl")
+	ts := startServer(t, cfg)
+	c, _ := ts.dial(t)
+	c.bind("app", "a")
+	mb := c.expect(`{"type": "claim", "nameplate": "7"}`, "claimed")[0].str("mailbox")
+	c.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb))
+	c.expect(`{"type": "add", "phase": "pake", "body": "aa"}`, "message")
+	ts.stop()
+
+	s := startRun(t, "--channel-db="+cfg.channelDB)
+	line := s.log.waitFor(t, "restored channels")
+	if !strings.Contains(line, "nameplates=1 mailboxes=1 messages=1 file="+cfg.channelDB) {
+		t.Errorf("start-up says %q, want the one nameplate, mailbox and message and the file", line)
+	}
+}
