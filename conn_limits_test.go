@@ -430,7 +430,7 @@ func TestKernelBuffersCounted(t *testing.T) {
 	w.bind("app", "w")
 	w.expect(`{"type": "open", "mailbox": "mb"}`)
 	var subs []*connection
-	for i := range 8 {
+	for i := range maxSubscribersPerSide { // one side on as many connections as it may
 		s, _ := mustDialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", 2+i%4), small: true})
 		s.bind("app", "s")
 		s.expect(`{"type": "open", "mailbox": "mb"}`)
@@ -457,7 +457,7 @@ func TestKernelBuffersCounted(t *testing.T) {
 			break
 		}
 	}
-	t.Logf("8 subscribers that never read: disconnected, the most a socket's send buffer held was %d KiB", maxQueued>>10)
+	t.Logf("%d subscribers that never read: disconnected, the most a socket's send buffer held was %d KiB", len(subs), maxQueued>>10)
 	if maxQueued == 0 {
 		t.Error("no socket's send buffer was ever counted")
 	}
@@ -518,5 +518,34 @@ func TestHeaderLimit(t *testing.T) {
 		if resp.StatusCode != tc.want {
 			t.Errorf("a request with a %d-byte header: status %d, want %d", tc.pad, resp.StatusCode, tc.want)
 		}
+	}
+}
+
+// TestConnectionRate checks the per-address rate of new connections: a
+// loop of connect, bind and close from one address finds its connections
+// closed at accept once its burst is used, while a client from another
+// address connects as usual.
+func TestConnectionRate(t *testing.T) {
+	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) {
+		srv.gate.maxPerAddr, srv.gate.perMinute = 8, 5
+	})
+	refused := 0
+	for range 10 {
+		c, _, err := dialFrom(t, ts.url, dialOptions{from: "127.0.0.2"})
+		if err != nil { // closed at accept: the handshake fails
+			refused++
+			continue
+		}
+		c.bind("app", "flood")
+		c.leave()
+	}
+	if refused != 5 {
+		t.Errorf("%d of 10 connections refused, want the 5 past the burst", refused)
+	}
+	if _, w := mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.3"}); welcomeError(w) != "" {
+		t.Errorf("a client from another address was refused: %q", welcomeError(w))
+	}
+	if v := ts.metrics.refusals.Get("new connections per address"); v == nil || v.String() != "5" {
+		t.Errorf("refusals counted %v, want 5", v)
 	}
 }

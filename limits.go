@@ -23,10 +23,13 @@ const (
 	// maxPartialBytesTotal bounds the memory held by messages that have
 	// begun but not yet fully arrived, across all connections. Real
 	// clients send messages of a few KiB that arrive in one read, so
-	// only a flood of large, slow messages meets it: 128 messages of the
-	// largest size at once. When it is used up, the connection holding
-	// the most is closed.
-	maxPartialBytesTotal = 64 << 20
+	// only a flood of large, slow messages meets it: 64 messages of the
+	// largest size at once. Buffers outgrown while a message arrives are
+	// garbage until the collector runs, so the heap may hold about twice
+	// this; at 64 MiB, 1,024 connections each holding a 512 KiB fragment
+	// took the server to 295 MiB. When it is used up, the connection
+	// holding the most is closed.
+	maxPartialBytesTotal = 32 << 20
 
 	// messageTimeout is how long a message may take to arrive once its
 	// first frame header has: a message of the largest size takes well
@@ -160,6 +163,15 @@ const (
 	// they are accepted, without a word, so that one address cannot take
 	// the descriptors kept for telling others.
 	maxRefusedPerAddr = 16
+
+	// defaultConnectionsPerMinute is how many new connections one address
+	// may open a minute, after a burst of as many. A wormhole client opens
+	// one per transfer (and one more each time its network drops), so a
+	// NAT with hundreds of users stays far below it; a loop of connect,
+	// bind and close from four addresses opened 4,300 a second and halved
+	// everyone else's transfers. Past it, connections are closed as they
+	// are accepted, without a word.
+	defaultConnectionsPerMinute = 600
 )
 
 // errFairShare is what a WebSocket connection is told when it is closed
@@ -180,6 +192,10 @@ type connGate struct {
 	maxPerAddr int // 0: none (behind a trusted proxy every client shares its address)
 	maxTotal   int // 0: none
 	maxOpen    int // descriptors: every accepted connection, refused ones too; 0: none
+	perMinute  int // new connections per address a minute; 0: none
+
+	rates     map[netip.Addr]*bucket // guarded by mu, like the rest
+	lastSweep time.Time
 
 	metrics *metrics
 
@@ -196,8 +212,43 @@ type addrConns struct {
 	refused  int // accepted only to be told they are refused
 }
 
-func newConnGate(maxPerAddr, maxTotal, maxOpen int, m *metrics) *connGate {
-	return &connGate{maxPerAddr: maxPerAddr, maxTotal: maxTotal, maxOpen: maxOpen, metrics: m, addrs: make(map[netip.Addr]*addrConns)}
+func newConnGate(maxPerAddr, maxTotal, maxOpen, perMinute int, m *metrics) *connGate {
+	return &connGate{maxPerAddr: maxPerAddr, maxTotal: maxTotal, maxOpen: maxOpen, perMinute: perMinute, metrics: m,
+		addrs: make(map[netip.Addr]*addrConns), rates: make(map[netip.Addr]*bucket)}
+}
+
+// allowNewLocked takes a token from the address's bucket of new
+// connections, if it has one. Addresses whose buckets have refilled are
+// forgotten when the table reaches maxTrackedAddrs; while it stays full
+// (a flood from a vast IPv6 range), addresses it does not know are let
+// through, since the per-address and total caps still hold them.
+func (g *connGate) allowNewLocked(key netip.Addr) bool {
+	if g.perMinute == 0 || g.maxPerAddr == 0 {
+		return true
+	}
+	now := time.Now()
+	b := g.rates[key]
+	if b == nil {
+		if len(g.rates) >= maxTrackedAddrs && now.Sub(g.lastSweep) >= minSweepInterval {
+			g.lastSweep = now
+			for k, b := range g.rates {
+				if b.refill(now, g.perMinute); b.tokens >= float64(g.perMinute) {
+					delete(g.rates, k)
+				}
+			}
+		}
+		if len(g.rates) >= maxTrackedAddrs {
+			return true
+		}
+		b = &bucket{tokens: float64(g.perMinute), last: now}
+		g.rates[key] = b
+	}
+	b.refill(now, g.perMinute)
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }
 
 // connSlot is an accepted connection as the gate counts it: closing it
@@ -276,6 +327,14 @@ func (g *connGate) accept(c net.Conn) *connSlot {
 	}
 	held := len(a.admitted)
 	switch {
+	case !g.allowNewLocked(s.key):
+		// Closed at once: telling why takes a handshake, which is what a
+		// loop of new connections costs the server.
+		g.metrics.refused("new connections per address")
+		if held == 0 && a.refused == 0 {
+			delete(g.addrs, s.key)
+		}
+		return nil
 	case g.maxPerAddr > 0 && held >= g.maxPerAddr:
 		s.refused = errTooManyConnsFromAddr
 		g.metrics.refused("connections per address")

@@ -131,6 +131,7 @@ type config struct {
 	limits            limits
 	maxMessageBytes   int
 	maxConnsPerAddr   int
+	connectionsPerMin int
 	maxConns          int
 	nameplatesPerMin  int
 	commandsPerSecond int
@@ -310,6 +311,7 @@ server's where it has them.
 	fs.IntVar(&cfg.limits.MaxMailboxesPerAddr, "max-mailboxes-per-ip", defaultLimits.MaxMailboxesPerAddr, "most mailboxes open at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
 	fs.Int64Var(&cfg.limits.MaxStoredBytesPerAddr, "max-stored-bytes-per-ip", defaultLimits.MaxStoredBytesPerAddr, "most message `bytes` stored at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.connectionsPerMin, "max-new-connections-per-ip", defaultConnectionsPerMinute, "most new connections per minute from one IPv4 address or IPv6 /64, after a burst of as many; 0: no limit")
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most allocates, claims and opens (of new or existing channels) per minute from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.commandsPerSecond, "max-commands-per-second", commandsPerSecond, "most commands per second one connection may send, after a burst of "+strconv.Itoa(commandBurst)+"; 0: no limit")
@@ -359,6 +361,7 @@ server's where it has them.
 		{"max-stored-bytes-per-ip", cfg.limits.MaxStoredBytesPerAddr, 0},
 		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
 		{"max-connections", int64(cfg.maxConns), 0},
+		{"max-new-connections-per-ip", int64(cfg.connectionsPerMin), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
 		{"max-commands-per-second", int64(cfg.commandsPerSecond), 0},
 		{"max-usage-log-rate", int64(cfg.usageRate), 0},
@@ -647,7 +650,7 @@ func newGate(cfg config, log *slog.Logger, m *metrics) *connGate {
 			total = fit
 		}
 	}
-	return newConnGate(perAddr, total, maxOpen, m)
+	return newConnGate(perAddr, total, maxOpen, cfg.connectionsPerMin, m)
 }
 
 // httpServer returns the HTTP server for the WebSocket listener: every
