@@ -121,6 +121,7 @@ type config struct {
 	maxConnsPerAddr  int
 	maxConns         int
 	nameplatesPerMin int
+	transit          transitConfig // the transit relay (transit.go); off unless a listener is given
 	pruneInterval    time.Duration // pruneInterval unless a test sets another
 	channelExpiry    time.Duration // channelExpiry unless a test sets another
 }
@@ -194,6 +195,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- httpSrv.Serve(ln) }()
 	log.Info("websocket listening", "url", fmt.Sprintf("%s://%s/v1", scheme, ln.Addr()), "version", version)
+	if srv.transit != nil {
+		if err := srv.transit.start(listen); err != nil {
+			httpSrv.Close()
+			return err
+		}
+		if cfg.transit.onMailbox {
+			log.Info("transit websocket listening", "hint", fmt.Sprintf("%s://%s/transit", scheme, ln.Addr()))
+		}
+	}
 	if mln != nil {
 		msrv := &http.Server{Handler: srv.metrics.handler(srv.healthy), ReadHeaderTimeout: readHeaderTimeout,
 			ErrorLog: httpErrorLog(log, srv.blurLogs)}
@@ -214,10 +224,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		break
 	}
 	log.Info("shutting down")
+	transitDone := make(chan struct{})
+	go func() { srv.transit.shutdown(context.Background()); close(transitDone) }() // bounded by --transit-shutdown-grace
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	httpSrv.Shutdown(shutdownCtx) // stops accepting; WebSocket connections are ours to close
 	srv.closeConnections(shutdownCtx)
+	<-transitDone
 	if cerr := srv.close(); err == nil {
 		err = cerr
 	}
@@ -257,7 +270,7 @@ func listen(addr string) (net.Listener, error) {
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
-	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry}
+	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry, transit: defaultTransitConfig()}
 	fs := flag.NewFlagSet("wormhole-mailbox", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
@@ -299,6 +312,7 @@ server's where it has them.
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	addTransitFlags(fs, &cfg.transit)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
 	if err := fs.Parse(args); err != nil {
@@ -343,6 +357,9 @@ server's where it has them.
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
 		}
+	}
+	if err := cfg.transit.check(); err != nil {
+		return cfg, err
 	}
 	cfg.allowList = !*disallowList
 	return cfg, nil
@@ -486,6 +503,7 @@ func maskAddrs(s string) string { return addrPattern.ReplaceAllLiteralString(s, 
 // log, and the connections using them.
 type server struct {
 	reg         *registry
+	transit     *transitRelay // nil unless the transit relay is on
 	metrics     *metrics
 	limiter     *limiter
 	log         *slog.Logger
@@ -550,6 +568,9 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		}
 	}
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
+	if cfg.transit.enabled() {
+		srv.transit = newTransitRelay(cfg.transit, log, m, usage, srv.blurLogs, srv.clientAddr)
+	}
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
 		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m, srv.journalFailed)
@@ -590,13 +611,17 @@ func (srv *server) now() float64 {
 func nowSeconds() float64 { return float64(time.Now().UnixNano()) / 1e9 }
 
 // handler returns the server's HTTP routes: a banner at /, the WebSocket
-// endpoint at /v1 and every path below it (as the reference), and 404
-// elsewhere. The paths are matched as they come, without the cleaning
+// endpoint at /v1 and every path below it (as the reference), with
+// --transit-on-mailbox-port the WebSocket transit relay at /transit and
+// for WebSocket upgrades at /, and 404 elsewhere. The paths are matched as they come, without the cleaning
 // (and redirects) of http.ServeMux.
 func (srv *server) handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Server", srv.serverHeader)
 		switch path := r.URL.Path; {
+		case srv.transit != nil && srv.transit.cfg.onMailbox &&
+			(path == "/transit" || path == "/" && strings.EqualFold(r.Header.Get("Upgrade"), "websocket")):
+			srv.transit.serveWebSocket(w, r) // the WebSocket transit relay (transit.go)
 		case path == "/v1" || strings.HasPrefix(path, "/v1/"):
 			srv.serveWebSocket(w, r)
 		case path != "/":
