@@ -97,8 +97,14 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&cfg.hold, "hold", 0, "keep the idle clients waiting this long before the final ping (to run transfers from another process meanwhile, so that latency is measured in a process that holds no idle clients)")
 	fs.IntVar(&cfg.sources, "sources", 8, "connect from this many loopback addresses (127.0.0.2, 127.0.0.3, ...), so ephemeral ports do not run out; 0: the system's choice")
 	fs.BoolVar(&cfg.json, "json", false, "print the result as JSON")
+	var tcfg transitLoadConfig
+	addTransitLoadFlags(fs, &tcfg) // load_transit.go
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if tcfg.addr != "" || tcfg.floor != "" {
+		tcfg.pairs, tcfg.pid, tcfg.asJSON = cfg.pairs, cfg.pid, cfg.json
+		return runTransitLoad(ctx, tcfg, stdout, stderr)
 	}
 	if cfg.sources < 0 || cfg.sources > maxLoadSources {
 		return fmt.Errorf("load: --sources must be 0 to %d", maxLoadSources)
