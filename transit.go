@@ -364,6 +364,11 @@ type transitRelay struct {
 
 	listeners []net.Listener
 	wsServer  *http.Server
+
+	// notify, if set (by tests), is told of each connection that starts
+	// waiting for its partner ("waiting") and each that has ended
+	// ("ended"), after the fact.
+	notify func(event string)
 }
 
 // transitAddr is one address's share of the relay.
@@ -680,6 +685,7 @@ type transitConn struct {
 // partner, and this client's direction of the relay.
 func (r *transitRelay) serveConn(c *transitConn) {
 	defer r.wg.Done()
+	defer r.event("ended")
 	defer r.release(c)
 	token, side, reply, ok := c.readHandshake()
 	if !ok {
@@ -694,12 +700,20 @@ func (r *transitRelay) serveConn(c *transitConn) {
 	}
 	p := r.register(c, token, side)
 	if p == nil {
+		r.event("waiting")
 		p = c.waitForPartner()
 		if p == nil {
 			return
 		}
 	}
 	p.run(c)
+}
+
+// event tells notify, if set, of an event.
+func (r *transitRelay) event(what string) {
+	if r.notify != nil {
+		r.notify(what)
+	}
 }
 
 // readHandshake reads the client's handshake: a line for TCP, decided as
@@ -1135,6 +1149,10 @@ type transitPair struct {
 	cutReason error // why the relay cut the pair, if it did before either ended
 	cutOnce   sync.Once
 	finished  int // directions done
+
+	firstEnded *transitConn // the side whose direction ended first
+	endedAt    time.Time    // when it did
+	endReason  error        // why the relay ended the pair, if it did
 }
 
 func (p *transitPair) touch() { p.last.Store(time.Now().UnixNano()) }
@@ -1165,19 +1183,9 @@ func (p *transitPair) run(c *transitConn) {
 		if cut == nil && (errors.Is(err, errTransitIdle) || errors.Is(err, errTransitBytes) || errors.Is(err, errTransitTextFrame)) {
 			cut = err
 		}
-		mood := moodHappy // a client closed, or its socket failed, as with the reference
-		if cut != nil {
-			mood = moodErrory
-			r.m.cuts.Add(cut.Error(), 1)
-		}
-		r.m.moods.Add(mood, 1)
-		begun := p.a.started
-		if p.b.started.Before(begun) {
-			begun = p.b.started
-		}
-		waiting := p.b.started.Sub(p.a.started).Abs().Seconds()
-		r.usage.transitSession(unixSeconds(c.started), time.Since(begun).Seconds(), &waiting,
-			p.a.sent.Load()+p.b.sent.Load(), mood)
+		p.mu.Lock()
+		p.firstEnded, p.endedAt, p.endReason = c, time.Now(), cut
+		p.mu.Unlock()
 		dst.endStream()
 		if c.ws != nil {
 			c.endStream()
@@ -1192,6 +1200,7 @@ func (p *transitPair) run(c *transitConn) {
 	last := p.finished == 2
 	p.mu.Unlock()
 	if last {
+		p.record()
 		if p.timer != nil {
 			p.timer.Stop()
 		}
@@ -1200,6 +1209,26 @@ func (p *transitPair) run(c *transitConn) {
 		r.mu.Unlock()
 		r.m.paired.Add(-1)
 	}
+}
+
+// record writes the pair's usage record once both directions are done,
+// so that it counts every byte: as the reference's, it is written for the
+// side that ended first (its start time), with the time until then.
+func (p *transitPair) record() {
+	r := p.relay
+	mood := moodHappy // a client closed, or its socket failed, as with the reference
+	if p.endReason != nil {
+		mood = moodErrory
+		r.m.cuts.Add(p.endReason.Error(), 1)
+	}
+	r.m.moods.Add(mood, 1)
+	begun := p.a.started
+	if p.b.started.Before(begun) {
+		begun = p.b.started
+	}
+	waiting := p.b.started.Sub(p.a.started).Abs().Seconds()
+	r.usage.transitSession(unixSeconds(p.firstEnded.started), p.endedAt.Sub(begun).Seconds(), &waiting,
+		p.a.sent.Load()+p.b.sent.Load(), mood)
 }
 
 // cut ends the pair from the relay's side: both directions are woken and
@@ -1250,26 +1279,23 @@ func (p *transitPair) relayFrom(src, dst *transitConn) error {
 	}
 	bucket := src.bucket()
 	for {
-		want := p.reserve(chunk)
-		if want == 0 {
-			return errTransitBytes
+		want := chunk
+		if r.cfg.sessionBytes > 0 {
+			if want = min(want, p.budget.Load()); want <= 0 {
+				return errTransitBytes
+			}
 		}
-		granted := int64(0)
 		if bucket != nil || r.total != nil {
-			var err error
-			if granted, err = p.grant(bucket, want); err != nil {
-				p.refund(want)
+			allowed, err := p.allowance(bucket)
+			if err != nil {
 				return p.stopReason(err)
 			}
-			p.refund(want - granted)
-			want = granted
+			want = min(want, allowed)
 		}
 		start := time.Now()
 		src.raw.SetReadDeadline(start.Add(min(transitProgressInterval, idle)))
 		dst.raw.SetWriteDeadline(start.Add(idle))
 		if p.stopping.Load() { // checked after the deadlines are set: a wake-up after this is not lost
-			p.refund(want)
-			p.giveBack(bucket, granted)
 			return p.stopReason(nil)
 		}
 		var n int64
@@ -1286,9 +1312,8 @@ func (p *transitPair) relayFrom(src, dst *transitConn) error {
 			p.touch()
 			src.sent.Add(n)
 			r.m.bytes.Add(n)
+			p.spend(bucket, n)
 		}
-		p.refund(want - n)
-		p.giveBack(bucket, granted-n)
 		switch {
 		case err == nil:
 			continue
@@ -1320,65 +1345,42 @@ func (p *transitPair) stopReason(err error) error {
 	return err
 }
 
-// reserve takes up to want bytes from the session's byte budget; without
-// a budget, it grants want.
-func (p *transitPair) reserve(want int64) int64 {
-	if p.relay.cfg.sessionBytes == 0 {
-		return want
-	}
-	for {
-		left := p.budget.Load()
-		n := min(want, left)
-		if n <= 0 {
-			return 0
-		}
-		if p.budget.CompareAndSwap(left, left-n) {
-			return n
-		}
-	}
-}
+// The session byte budget and the bandwidth buckets are charged for what
+// a direction has moved, after it moved it; before each chunk a direction
+// only waits until there is budget or bandwidth left, and moves at most
+// that much. A direction that waits for its client to send holds nothing,
+// and the two directions of a pair, or the pairs sharing a bucket, can
+// together exceed a limit by what they moved at the same moment, at most
+// one chunk each, which the buckets then take back.
 
-// refund gives unused bytes back to the session's byte budget.
-func (p *transitPair) refund(n int64) {
-	if p.relay.cfg.sessionBytes > 0 && n > 0 {
-		p.budget.Add(n)
-	}
-}
-
-// grant waits for bandwidth for up to want bytes from the address's
-// bucket and the total's, whichever are set; it returns how many were
-// granted, or an error if the pair was cut meanwhile.
-func (p *transitPair) grant(bucket *tokenBucket, want int64) (int64, error) {
-	n := want
-	if bucket != nil {
-		var err error
-		if n, err = bucket.take(n, p.done); err != nil {
-			return 0, err
+// allowance waits until the address's bucket and the total's, whichever
+// are set, have bandwidth left, and returns how much a direction may move
+// now; or an error if the pair is cut meanwhile.
+func (p *transitPair) allowance(bucket *tokenBucket) (int64, error) {
+	n := int64(transitChunkBytes)
+	for _, b := range []*tokenBucket{bucket, p.relay.total} {
+		if b == nil {
+			continue
 		}
-	}
-	if t := p.relay.total; t != nil {
-		got, err := t.take(n, p.done)
-		if bucket != nil {
-			bucket.giveBack(n - got)
-		}
+		got, err := b.wait(p.done)
 		if err != nil {
 			return 0, err
 		}
-		n = got
+		n = min(n, got)
 	}
 	return n, nil
 }
 
-// giveBack returns bandwidth granted but not used.
-func (p *transitPair) giveBack(bucket *tokenBucket, n int64) {
-	if n <= 0 {
-		return
+// spend charges n bytes moved to the session budget and the buckets.
+func (p *transitPair) spend(bucket *tokenBucket, n int64) {
+	if p.relay.cfg.sessionBytes > 0 {
+		p.budget.Add(-n)
 	}
 	if bucket != nil {
-		bucket.giveBack(n)
+		bucket.spend(n)
 	}
-	if p.relay.total != nil {
-		p.relay.total.giveBack(n)
+	if t := p.relay.total; t != nil {
+		t.spend(n)
 	}
 }
 
@@ -1453,7 +1455,8 @@ func (c *transitConn) write(p []byte) error {
 
 // tokenBucket is a bandwidth limit: it holds up to a tenth of a second's
 // bytes (at least transitRateMinChunk) and refills at rate bytes a
-// second.
+// second. What is spent may take it below empty; it is then a debt, paid
+// off before anything more may move.
 type tokenBucket struct {
 	rate  float64
 	burst float64
@@ -1467,25 +1470,24 @@ func newTokenBucket(rate int64) *tokenBucket {
 	return &tokenBucket{rate: float64(rate), burst: burst, level: burst, last: time.Now()}
 }
 
-// take waits until the bucket holds some bytes (all of want, or at least
-// transitRateMinChunk when want is larger) and takes up to want, or
-// returns an error once done is closed.
-func (b *tokenBucket) take(want int64, done <-chan struct{}) (int64, error) {
-	need := min(float64(want), transitRateMinChunk)
+// refillLocked adds what the time since the last refill earned.
+func (b *tokenBucket) refillLocked(now time.Time) {
+	b.level = min(b.burst, b.level+now.Sub(b.last).Seconds()*b.rate)
+	b.last = now
+}
+
+// wait returns, once the bucket holds at least transitRateMinChunk bytes,
+// how many it holds; or an error once done is closed.
+func (b *tokenBucket) wait(done <-chan struct{}) (int64, error) {
 	for {
 		b.mu.Lock()
-		now := time.Now()
-		b.level = min(b.burst, b.level+now.Sub(b.last).Seconds()*b.rate)
-		b.last = now
-		if b.level >= need {
-			n := int64(min(b.level, float64(want)))
-			b.level -= float64(n)
-			b.mu.Unlock()
-			return n, nil
-		}
-		wait := time.Duration((need - b.level) / b.rate * float64(time.Second))
+		b.refillLocked(time.Now())
+		level := b.level
 		b.mu.Unlock()
-		t := time.NewTimer(wait)
+		if level >= transitRateMinChunk {
+			return int64(level), nil
+		}
+		t := time.NewTimer(time.Duration((transitRateMinChunk - level) / b.rate * float64(time.Second)))
 		select {
 		case <-t.C:
 		case <-done:
@@ -1495,13 +1497,11 @@ func (b *tokenBucket) take(want int64, done <-chan struct{}) (int64, error) {
 	}
 }
 
-// giveBack returns n bytes taken but not used.
-func (b *tokenBucket) giveBack(n int64) {
-	if n <= 0 {
-		return
-	}
+// spend takes n bytes moved from the bucket.
+func (b *tokenBucket) spend(n int64) {
 	b.mu.Lock()
-	b.level = min(b.burst, b.level+float64(n))
+	b.refillLocked(time.Now())
+	b.level -= float64(n)
 	b.mu.Unlock()
 }
 
