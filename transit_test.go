@@ -892,3 +892,34 @@ func TestTransitFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestTransitStats checks the stats command's summary of transit records
+// beside the mailbox's.
+func TestTransitStats(t *testing.T) {
+	log := strings.Join([]string{
+		`{"type":"transit","started":1700000000,"total_time":12.5,"waiting_time":0.5,"total_bytes":5000000,"mood":"happy"}`,
+		`{"type":"transit","started":1700000100,"total_time":30,"waiting_time":1.5,"total_bytes":1000000000,"mood":"happy"}`,
+		`{"type":"transit","started":1700000200,"total_time":180,"waiting_time":null,"total_bytes":0,"mood":"lonely"}`,
+		`{"type":"transit","started":1700000300,"total_time":0.1,"waiting_time":null,"total_bytes":0,"mood":"errory"}`,
+		`{"type":"transit","started":1700000300,"total_time":0.1,"waiting_time":null,"total_bytes":0}`, // no mood: malformed
+		`{"type":"mailbox","app_id":"a","for_nameplate":true,"started":1700000000,"total_time":40,"waiting_time":2,"result":"happy"}`,
+	}, "\n") + "\n"
+	sum, err := summarise(strings.NewReader(log), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := sum.Transit
+	if ts.Sessions.Total != 4 || ts.Sessions.Results[moodHappy] != 2 || ts.Bytes != 1_005_000_000 ||
+		ts.WaitingTime.Count != 2 || ts.TotalTime.Count != 4 || sum.Malformed != 1 || sum.Transfers.Total != 1 {
+		t.Errorf("summary %+v, malformed %d, transfers %d", ts, sum.Malformed, sum.Transfers.Total)
+	}
+	var out bytes.Buffer
+	if err := sum.writeText(&out); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Transit relay: 4 sessions", "bytes relayed", "1.0 GB", "redundant"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("the summary lacks %q:\n%s", want, out.String())
+		}
+	}
+}
