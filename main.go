@@ -15,6 +15,8 @@
 //	usage.go     the usage log and the live counters
 //	stats.go     the "stats" command, which summarises a usage log
 //	load.go      the "load" command, a load driver for benchmarks
+//	transit.go   the transit relay, optional: files between clients that
+//	             cannot reach each other
 package main
 
 import (
@@ -297,7 +299,7 @@ server's where it has them.
 	fs.StringVar(&cfg.welcome.signalError, "signal-error", "", "tell every client this `error` and so refuse service")
 	fs.StringVar(&cfg.welcome.motd, "motd", "", "message of the day `text` shown by clients")
 	disallowList := fs.Bool("disallow-list", false, "answer \"list\" with no nameplates, so nobody can see which are waiting")
-	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:4001")
+	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:4003")
 	fs.StringVar(&cfg.trustProxyHeader, "trust-proxy-header", "", "take the client's address from this `header` (X-Real-IP or X-Forwarded-For) set by a reverse proxy in front")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve wss:// with this certificate `file` (PEM; re-read on SIGHUP)")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "the certificate's private key `file` (PEM)")
@@ -422,7 +424,7 @@ func runHealthcheck(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: wormhole-mailbox healthcheck URL
 
-Fetch URL, such as http://127.0.0.1:4001/healthz (served by
+Fetch URL, such as http://127.0.0.1:4003/healthz (served by
 --metrics-listen), and exit with status 0 if the answer is 200 OK.
 `)
 	}
