@@ -145,6 +145,11 @@ const (
 	// written directly.
 	transitWSWriteBuffer = 512
 
+	// transitAcceptRetry is how long the TCP listener waits after an
+	// accept fails (out of file descriptors, say) before it tries again,
+	// as net/http does, rather than spin.
+	transitAcceptRetry = 50 * time.Millisecond
+
 	// transitRateMinChunk is the least a rate-limited direction waits to
 	// be granted before it moves bytes, so a slow limit still moves data
 	// in pieces worth a system call.
@@ -432,8 +437,7 @@ func (r *transitRelay) serveTCP(ln net.Listener) {
 				return
 			}
 			r.log.Warn("transit accept", "err", err)
-			// Out of file descriptors, say: wait a little, as net/http does.
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(transitAcceptRetry)
 			continue
 		}
 		tc, ok := nc.(*net.TCPConn)
