@@ -16,6 +16,9 @@
 // claim, open and add "pake", then wait, as senders waiting for their
 // receiver do; it reports the server's memory per waiting client, and at
 // the end checks that every one of them still answers a ping.
+//
+// Transit mode (--transit, and the splice floor, --splice-floor)
+// benchmarks a transit relay instead; it is in load_transit.go.
 package main
 
 import (
