@@ -32,6 +32,6 @@ EXPOSE 4000 4001
 # /healthz on the metrics listener, which CMD keeps inside the container,
 # answers 200 while the server can do its job.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s \
-    CMD ["/usr/local/bin/wormhole-mailbox", "healthcheck", "http://127.0.0.1:4003/healthz"]
+    CMD ["/usr/local/bin/wormhole-mailbox", "healthcheck", "http://127.0.0.1:9400/healthz"]
 ENTRYPOINT ["/usr/local/bin/wormhole-mailbox"]
-CMD ["--port=tcp:4000", "--channel-db=/data/relay.jsonl", "--usage-db=/data/usage.jsonl", "--blur-usage=3600", "--transit-port=tcp:4001", "--metrics-listen=127.0.0.1:4003"]
+CMD ["--port=tcp:4000", "--channel-db=/data/relay.jsonl", "--usage-db=/data/usage.jsonl", "--blur-usage=3600", "--transit-port=tcp:4001", "--metrics-listen=127.0.0.1:9400"]

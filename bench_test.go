@@ -70,7 +70,7 @@ func BenchmarkTransfer(b *testing.B) {
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "transfers/s")
 			b.ReportMetric(percentile(latencies, 0.50).Seconds()*1000, "relay-p50-ms")
 			b.ReportMetric(percentile(latencies, 0.99).Seconds()*1000, "relay-p99-ms")
-			ts.reg.journal.waitDurable(ts.reg.journal.lastLSN())
+			ts.reg.journal.waitDurable(ts.reg.journal.lastLSN(), nil)
 			b.ReportMetric(float64(ts.metrics.journalSyncs.Value())/float64(b.N), "fsyncs/transfer")
 		})
 	}

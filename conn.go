@@ -68,15 +68,31 @@ const (
 	// clients together, beyond outboxReserveBytes each, so that many
 	// clients that stop reading cannot together hold more than this.
 	// Frames to clients that read leave within milliseconds, so only
-	// clients that stopped reading hold any of it; when it is used up, a
-	// client that wants more than its reserve is disconnected.
+	// clients that stopped reading hold any of it; when it is used up,
+	// the client holding the most is disconnected to make room (see
+	// evictLargestOutbox).
 	maxOutboxTotalBytes = 32 << 20
+
+	// outboxSlackDivisor sets how far past maxOutboxTotalBytes the
+	// outboxes may go while the largest is being disconnected (a quarter
+	// of it), so that a client holding little is not refused for what
+	// others hold. Past that, a client that wants more than its reserve
+	// is disconnected itself.
+	outboxSlackDivisor = 4
 
 	// outboxReserveBytes is what every client may have waiting whatever
 	// the others hold: the frames of a step of a typical transfer (a few
 	// KiB), so that clients that stop reading cannot get a working one
 	// disconnected. Small, because every connection may use it.
 	outboxReserveBytes = 8 << 10
+
+	// socketSendBuffer sizes each connection's kernel send buffer (the
+	// kernel doubles it for its own bookkeeping). Left to the kernel's
+	// autotuning it grows to megabytes for a client that stops reading,
+	// out of reach of the outbox bounds; this is room for a step of a
+	// transfer, and at 100 ms round trip still carries a full mailbox's
+	// replay in about two seconds.
+	socketSendBuffer = 32 << 10
 
 	// writeTimeout is how long one frame may take to write. A client that
 	// reads slower than this is disconnected.
@@ -185,20 +201,28 @@ type connection struct {
 	batch    batch         // where ws writes frames to
 	handover handedOver    // the connection as ws sees it
 	limitErr string        // why the client may not stay, if over a limit
+	byHeader bool          // counted by the limiter, by the address a trusted proxy reported
 	openedAt time.Time
 
 	// outMu guards the outbox and the fields after it.
 	outMu     sync.Mutex
 	outbox    []outFrame
-	outBytes  int           // the sizes of the frames in outbox
-	sending   int           // the sizes of the frames the writer is writing
-	flushing  bool          // a writer goroutine is running
-	held      bool          // a message of this client's is being handled: the writer waits (see hold)
-	closing   bool          // a close frame is queued, or the connection failed: queue nothing more
-	flushDone chan struct{} // closed when the writer exits, if someone waits
-	endReason error         // why the server ended the connection, if it did
-	pinger    *time.Timer   // sends the next keepalive ping
-	readSet   time.Time     // when the read deadline was last moved
+	outBytes  int             // the sizes of the frames in outbox
+	sending   int             // the sizes of the frames the writer is writing
+	flushing  bool            // a writer goroutine is running
+	held      bool            // a message of this client's is being handled: the writer waits (see hold)
+	closing   bool            // a close frame is queued, or the connection failed: queue nothing more
+	flushDone chan struct{}   // closed when the writer exits, if someone waits
+	endReason error           // why the server ended the connection, if it did
+	pinger    *time.Timer     // sends the next keepalive ping
+	readSet   time.Time       // when the read deadline was last moved
+	heldBytes int             // queued while a message was handled: the work it caused
+	queued    int             // in the socket's kernel send buffer when last read (see refreshQueuedLocked)
+	rawConn   syscall.RawConn // the socket, to ask the kernel about it; nil if not TCP
+
+	// The command budget (see takeCommand); only the reader uses it.
+	tokens   float64
+	tokensAt time.Time
 }
 
 // serveWebSocket upgrades a request on /v1 to a WebSocket connection and
@@ -234,7 +258,11 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
 	c.session = session{srv: srv, out: c, addr: addr}
 	c.batch.conn, c.handover.Conn = netConn, netConn
-	c.limitErr = srv.admit(c)
+	if tc := tcpConn(netConn); tc != nil {
+		tc.SetWriteBuffer(socketSendBuffer)
+		c.rawConn, _ = tc.SyscallConn()
+	}
+	c.limitErr = srv.admit(c, slotOf(netConn))
 
 	// The handshake response and the welcome are written to a batch and
 	// leave together when the handshake is done.
@@ -251,7 +279,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		srv.release(c)
 		srv.connWG.Done()
 		if c.ws != nil {
-			srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
+			srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
 				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", writeFailure(err))
 		}
 		return
@@ -268,7 +296,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 func (c *connection) accept(ws *websocket.Conn) {
 	c.ws = ws
 	srv := c.srv
-	srv.log.Info("connection opened", "client", srv.logAddr(c.addr))
+	srv.connLog(srv.log.Info, "connection opened", "client", srv.logAddr(c.addr))
 	welcome := srv.welcome
 	if c.limitErr != "" {
 		welcome.signalError = c.limitErr
@@ -384,7 +412,42 @@ func (c *connection) received(msg []byte) error {
 	if c.isClosing() {
 		return nil // the server has said goodbye: nothing it did now could be answered
 	}
-	return c.handle(msg)
+	if !c.takeCommand(1) {
+		c.srv.metrics.refused("commands per connection")
+		c.enqueue(errorFrame(errCommandRate.Error(), jsonNull), 0)
+		return errCommandRate
+	}
+	err := c.handle(msg)
+	c.outMu.Lock()
+	caused := c.heldBytes // what the command had sent to this client: its work
+	c.heldBytes = 0
+	c.outMu.Unlock()
+	c.takeCommand(float64(caused / commandBytesPerToken))
+	return err
+}
+
+// takeCommand takes n tokens from the connection's command budget, a
+// token bucket of commandBurst tokens refilled at the server's
+// commandsPerSecond. It reports whether the bucket had any left to take
+// from; a command that costs more than is left takes it into debt, which
+// the next commands wait out.
+func (c *connection) takeCommand(n float64) bool {
+	rate := c.srv.commandsPerSecond
+	if rate <= 0 {
+		return true
+	}
+	now := time.Now()
+	if c.tokensAt.IsZero() {
+		c.tokens = commandBurst
+	} else {
+		c.tokens = min(commandBurst, c.tokens+now.Sub(c.tokensAt).Seconds()*rate)
+	}
+	c.tokensAt = now
+	if c.tokens < 1 && n > 0 {
+		return false
+	}
+	c.tokens -= n
+	return true
 }
 
 // isClosing reports whether the connection is going away (a close frame is
@@ -413,11 +476,13 @@ func (c *connection) finish(err error) {
 		c.end(closePolicy, errors.New(c.limitErr))
 	case errors.Is(err, errClientClosed):
 		c.end(closeNormal, err)
-	case errors.Is(err, errTooBig):
+	case errors.Is(err, errTooBig), errors.Is(err, errPartialBudget):
 		// Say why before closing: a client that only saw the close would
 		// reconnect and send the same message again.
 		c.enqueue(errorFrame(err.Error(), jsonNull), 0)
 		c.end(closeTooBig, err)
+	case errors.Is(err, errMessageTimeout), errors.Is(err, errCommandRate):
+		c.end(closePolicy, err)
 	case errors.Is(err, errBadInput):
 		c.end(closeBadData, err)
 	case errors.Is(err, errBadFrame):
@@ -428,24 +493,40 @@ func (c *connection) finish(err error) {
 		c.abort(readFailure(err)) // the client went away, or the server cut it off
 	}
 	c.waitFlushed()
+	c.outMu.Lock()
+	c.closing = true // nothing more is queued, and the send buffer is no longer counted
+	c.forgetQueuedLocked()
+	c.outMu.Unlock()
 	c.linger()
 	reason := c.reason()
 	if reason != nil && !errors.Is(reason, errClientClosed) && !errors.Is(reason, errClientGone) {
 		srv.metrics.drop(reason)
 	}
-	srv.log.Info("connection closed", "client", srv.logAddr(c.addr),
+	srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
 		"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", reason)
 }
 
 // readMessage returns the next whole message, reassembling fragments,
 // answering pings and noting pongs on the way.
+//
+// A frame header reserves nothing: the message grows as its payload
+// arrives (see readPayload), and what it holds counts against the
+// server's budget for partly received messages. Once a message has begun
+// it must be complete within messageTimeout, however many control frames
+// come between its fragments.
 func (c *connection) readMessage() ([]byte, error) {
 	var msg []byte
-	fragmented := false
+	defer c.srv.partial.release(c)
+	started := false
 	for {
-		c.extendReadDeadline()
+		if !started {
+			c.extendReadDeadline()
+		}
 		h, err := peekFrameHeader(c.br)
 		if err != nil {
+			if started && isTimeout(err) {
+				return nil, errMessageTimeout
+			}
 			return nil, err
 		}
 		control := h.opcode >= websocket.CloseFrame
@@ -454,12 +535,16 @@ func (c *connection) readMessage() ([]byte, error) {
 			return nil, errBadFrame
 		case control && (!h.fin || h.length > maxControlPayload || h.opcode > websocket.PongFrame): // 0xB-0xF are reserved
 			return nil, errBadFrame
-		case !control && (h.opcode == websocket.ContinuationFrame) != fragmented:
+		case !control && (h.opcode == websocket.ContinuationFrame) != started:
 			return nil, errBadFrame // a continuation with nothing to continue, or a new message inside one
 		case !control && h.opcode != websocket.ContinuationFrame && h.opcode != websocket.TextFrame && h.opcode != websocket.BinaryFrame:
 			return nil, errBadFrame
 		case !control && int64(len(msg))+h.length > int64(c.srv.maxMessageBytes): // a control frame is no part of the message
 			return nil, errTooBig
+		}
+		if !control && !started {
+			started = true
+			c.setMessageDeadline()
 		}
 		frame, err := c.ws.NewFrameReader() // parses the header again and unmasks the payload
 		if err != nil {
@@ -478,16 +563,43 @@ func (c *connection) readMessage() ([]byte, error) {
 			}
 			continue // a pong needs nothing more: as traffic, it moved the read deadline
 		}
-		start := len(msg)
-		msg = append(msg, make([]byte, h.length)...)
-		if _, err := io.ReadFull(frame, msg[start:]); err != nil {
+		if msg, err = c.readPayload(msg, frame, h.length); err != nil {
+			if isTimeout(err) {
+				return nil, errMessageTimeout
+			}
 			return nil, err
 		}
 		if h.fin {
 			return msg, nil
 		}
-		fragmented = true
 	}
+}
+
+// readPayload appends a frame's n payload bytes to msg. The buffer grows
+// as bytes arrive, at most doubling what has arrived (and never by less
+// than readChunkBytes), so a client holds at most about twice what it has
+// sent, and each growth is charged to the server's budget for partly
+// received messages first.
+func (c *connection) readPayload(msg []byte, frame io.Reader, n int64) ([]byte, error) {
+	for n > 0 {
+		chunk := int(min(n, int64(max(readChunkBytes, len(msg)))))
+		if cap(msg)-len(msg) < chunk {
+			if err := c.srv.partial.charge(c, len(msg)+chunk-cap(msg)); err != nil {
+				c.srv.metrics.refused("partly received messages")
+				return nil, err
+			}
+			grown := make([]byte, len(msg), len(msg)+chunk)
+			copy(grown, msg)
+			msg = grown
+		}
+		start := len(msg)
+		msg = msg[:start+chunk]
+		if _, err := io.ReadFull(frame, msg[start:]); err != nil {
+			return nil, err
+		}
+		n -= int64(chunk)
+	}
+	return msg, nil
 }
 
 // closeReceived checks a client's close frame (RFC 6455 §5.5.1, §7.4): it
@@ -552,6 +664,45 @@ func (c *connection) extendReadDeadline() {
 	}
 }
 
+// setMessageDeadline gives a message that has begun messageTimeout to
+// be complete (or the idle timeout, if sooner), unless the connection is
+// closing. The next extendReadDeadline moves the deadline back.
+func (c *connection) setMessageDeadline() {
+	now := time.Now()
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if !c.closing {
+		deadline := now.Add(c.srv.messageTimeout)
+		if idle := c.readSet.Add(c.srv.idleTimeout); idle.Before(deadline) {
+			deadline = idle
+		}
+		c.readSet = time.Time{}
+		c.netConn.SetReadDeadline(deadline)
+	}
+}
+
+// closeForBudget closes a connection whose partly received message is
+// dropped to make room in the server's budget for them: it is told why,
+// and its reader is given closeTimeout more, so the message's memory is
+// freed soon even if the client reads nothing.
+func (c *connection) closeForBudget() {
+	c.srv.metrics.refused("partly received messages")
+	c.enqueue(errorFrame(errPartialBudget.Error(), jsonNull), 0)
+	c.end(closeTooBig, errPartialBudget)
+	c.outMu.Lock()
+	c.netConn.SetReadDeadline(time.Now().Add(closeTimeout))
+	c.outMu.Unlock()
+}
+
+// closeForFairShare closes a connection whose place the gate gives to a
+// client from an address holding less than its share: it is told why,
+// and cut off after closeTimeout if it does not read its close frame.
+func (c *connection) closeForFairShare() {
+	c.enqueue(errorFrame(errFairShare.Error(), jsonNull), 0)
+	c.end(closePolicy, errFairShare)
+	time.AfterFunc(closeTimeout, func() { c.abort(errFairShare) })
+}
+
 // ping queues a ping, and schedules the next.
 func (c *connection) ping() {
 	c.queue(outFrame{opcode: websocket.PingFrame, data: []byte("wormhole")})
@@ -579,6 +730,9 @@ func (c *connection) queue(f outFrame) {
 		c.failLocked(err)
 		return
 	}
+	if c.held {
+		c.heldBytes += len(f.data)
+	}
 	c.outbox = append(c.outbox, f)
 	c.outBytes += len(f.data)
 	if f.opcode == websocket.CloseFrame {
@@ -588,18 +742,91 @@ func (c *connection) queue(f outFrame) {
 }
 
 // reserveLocked counts n more bytes waiting for this client, against its
-// own limit and, beyond its reserve, the server's.
+// own limit and, beyond its reserve, the server's. What waits includes
+// what the kernel still holds in the socket's send buffer (see
+// refreshQueuedLocked), read again before a reservation is refused, as
+// the client may have read it since.
 func (c *connection) reserveLocked(n int) error {
-	held := c.outBytes + c.sending
-	if held+n > c.srv.maxOutboxBytes {
-		return errSlowClient
-	}
-	total := c.srv.outboxBytes.Add(int64(n))
-	if held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes {
+	for refreshed := false; ; refreshed = true {
+		held := c.outBytes + c.sending + c.queued
+		total := c.srv.outboxBytes.Add(int64(n))
+		err := error(nil)
+		switch {
+		case held+n > c.srv.maxOutboxBytes:
+			err = errSlowClient
+		case held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes:
+			c.srv.startOutboxEviction()
+			if total > c.srv.maxOutboxTotalBytes+c.srv.maxOutboxTotalBytes/outboxSlackDivisor {
+				err = errOutboxesFull
+			}
+		}
+		if err == nil {
+			return nil
+		}
 		c.srv.outboxBytes.Add(-int64(n))
-		return errOutboxesFull
+		if refreshed || c.queued == 0 {
+			return err
+		}
+		c.refreshQueuedLocked()
 	}
-	return nil
+}
+
+// startOutboxEviction starts evictLargestOutbox, unless it is running.
+// It never blocks, so it may be called with a connection's or the
+// registry's lock held.
+func (srv *server) startOutboxEviction() {
+	if srv.evicting.CompareAndSwap(false, true) {
+		go srv.evictLargestOutbox()
+	}
+}
+
+// evictLargestOutbox disconnects the connection with the most bytes
+// waiting for it, if all outboxes together hold more than
+// maxOutboxTotalBytes: the pool is shared fairly, so clients that stop
+// reading lose their place before one that reads. It takes the
+// connections' lock before each connection's own, as shutdown does.
+func (srv *server) evictLargestOutbox() {
+	defer srv.evicting.Store(false)
+	if srv.outboxBytes.Load() <= srv.maxOutboxTotalBytes {
+		return
+	}
+	srv.connsMu.Lock()
+	defer srv.connsMu.Unlock()
+	var largest *connection
+	most := 0
+	for c := range srv.conns {
+		c.outMu.Lock()
+		if held := c.outBytes + c.sending + c.queued; held > most && !c.closing {
+			largest, most = c, held
+		}
+		c.outMu.Unlock()
+	}
+	if largest != nil {
+		srv.metrics.refused("outboxes full")
+		largest.abort(errOutboxesFull)
+	}
+}
+
+// refreshQueuedLocked reads how many bytes the kernel still holds in the
+// socket's send buffer for this client (sent but not acknowledged, or not
+// yet sent), and counts them as waiting. A client that stops reading
+// fills its socket's buffer before its outbox, and the kernel accepts
+// writes into it; uncounted, 768 such clients pinned 736 MiB of kernel
+// memory.
+func (c *connection) refreshQueuedLocked() {
+	if c.rawConn == nil || c.closing {
+		return
+	}
+	q := sendQueued(c.rawConn)
+	c.srv.outboxBytes.Add(int64(q - c.queued))
+	c.queued = q
+}
+
+// forgetQueuedLocked stops counting the socket's send buffer: the
+// connection is closing.
+func (c *connection) forgetQueuedLocked() {
+	c.srv.outboxBytes.Add(-int64(c.queued))
+	c.queued = 0
 }
 
 // hold keeps the writer from taking frames until release. While a client
@@ -653,14 +880,18 @@ func (c *connection) flush() {
 		c.sending = 0
 		if err != nil {
 			c.failLocked(writeFailure(err))
+		} else {
+			c.refreshQueuedLocked()
 		}
 		c.outMu.Unlock()
 	}
 }
 
-// writeBatch sends a batch of frames, once the journal holds what they report.
+// writeBatch sends a batch of frames, once the journal holds what they
+// report; while the journal is unwritable, the batch waits unless the
+// connection is closing.
 func (c *connection) writeBatch(batch []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(batchLSN(batch)); err != nil {
+	if err := c.srv.reg.journal.waitDurable(batchLSN(batch), c.isClosing); err != nil {
 		return err
 	}
 	c.batch.begin()
@@ -676,8 +907,10 @@ func (c *connection) writeBatch(batch []outFrame) error {
 		return err
 	}
 	if closing {
-		if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok {
+		if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok { // TLS
 			cw.CloseWrite()
+		} else if tc := tcpConn(c.netConn); tc != nil {
+			tc.CloseWrite()
 		}
 		c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
 	}
@@ -767,6 +1000,7 @@ func (c *connection) failLocked(reason error) {
 	c.closing = true
 	c.srv.outboxBytes.Add(-int64(c.outBytes))
 	c.outbox, c.outBytes = nil, 0
+	c.forgetQueuedLocked()
 	go c.netConn.Close() // Close never blocks, but the caller may hold the registry lock
 }
 
@@ -868,18 +1102,17 @@ func logFrame(frame []byte) slog.Attr {
 	return slog.String("frame", string(short))
 }
 
-// limiter enforces the limits on connections and on new nameplates: how
-// many connections may be open at once, from one client address and in
-// all, and how many new nameplates one address may create per minute. An
-// IPv6 client is counted by its /64, since one host usually has a whole
-// /64 to pick addresses from.
+// limiter enforces the limits per client address that the connection
+// gate (limits.go) cannot: how many connections may be open at once from
+// one address a trusted proxy reports (--trust-proxy-header), and how
+// many new nameplates one address may create per minute. An IPv6 client
+// is counted by its /64, since one host usually has a whole /64 to pick
+// addresses from.
 type limiter struct {
 	maxConns  int // per address; 0: no limit
-	maxTotal  int // from all addresses; 0: no limit
 	perMinute int // 0: no limit
 
 	mu        sync.Mutex
-	total     int
 	conns     map[netip.Addr]int
 	buckets   map[netip.Addr]*bucket
 	lastSweep time.Time
@@ -903,8 +1136,8 @@ type bucket struct {
 	last   time.Time
 }
 
-func newLimiter(maxConns, maxTotal, perMinute int) *limiter {
-	return &limiter{maxConns: maxConns, maxTotal: maxTotal, perMinute: perMinute,
+func newLimiter(maxConns, perMinute int) *limiter {
+	return &limiter{maxConns: maxConns, perMinute: perMinute,
 		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
 }
 
@@ -925,12 +1158,8 @@ func (l *limiter) connect(ip netip.Addr) string {
 	defer l.mu.Unlock()
 	k := addrKey(ip)
 	l.conns[k]++
-	l.total++
-	switch {
-	case l.maxConns > 0 && l.conns[k] > l.maxConns:
+	if l.maxConns > 0 && l.conns[k] > l.maxConns {
 		return errTooManyConnsFromAddr
-	case l.maxTotal > 0 && l.total > l.maxTotal:
-		return errTooManyConns
 	}
 	return ""
 }
@@ -939,7 +1168,6 @@ func (l *limiter) disconnect(ip netip.Addr) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	k := addrKey(ip)
-	l.total--
 	if l.conns[k]--; l.conns[k] <= 0 {
 		delete(l.conns, k)
 	}

@@ -9,6 +9,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -53,7 +54,7 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 			if err := distinctSides(len(np.sides), func(i int) string { return np.sides[i].side }); err != nil {
 				return fmt.Errorf("app %q: nameplate %q: %v", id, name, err)
 			}
-			if withinLimits && len(np.sides) > maxSides {
+			if withinLimits && len(np.sides) > crowdedSides {
 				return fmt.Errorf("app %q: nameplate %q has %d sides", id, name, len(np.sides))
 			}
 		}
@@ -87,7 +88,7 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 			if size != mb.bytes {
 				return fmt.Errorf("app %q: mailbox %q counts %d bytes, holds %d", id, mid, mb.bytes, size)
 			}
-			if withinLimits && (len(mb.sides) > maxSides || len(mb.messages) > reg.limits.MaxMessagesPerMailbox || mb.bytes > reg.limits.MaxMailboxBytes) {
+			if withinLimits && (len(mb.sides) > crowdedSides || len(mb.messages) > reg.limits.MaxMessagesPerMailbox || mb.bytes > reg.limits.MaxMailboxBytes) {
 				return fmt.Errorf("app %q: mailbox %q over its limits: %d sides, %d messages, %d bytes", id, mid, len(mb.sides), len(mb.messages), mb.bytes)
 			}
 			for i, s := range mb.subscribers {
@@ -125,6 +126,9 @@ func checkRegistry(reg *registry, live map[*session]bool, withinLimits bool) err
 	case withinLimits && (nameplateN > reg.limits.MaxNameplates || mailboxN > reg.limits.MaxMailboxes || stored > reg.limits.MaxStoredBytes):
 		return fmt.Errorf("over the limits: %d nameplates, %d mailboxes, %d bytes", nameplateN, mailboxN, stored)
 	}
+	if err := checkHoldings(reg, withinLimits); err != nil {
+		return err
+	}
 	for s := range live {
 		if s.mailbox != nil && (s.mailbox.deleted || !slices.Contains(s.mailbox.subscribers, s)) {
 			return fmt.Errorf("session %q of app %q holds mailbox %q but is not its subscriber", s.side, s.appID, s.mailboxID)
@@ -155,7 +159,8 @@ func (f *fakeSender) hold()                            { f.held = true }
 func (f *fakeSender) release(lsn uint64)               { f.held = false }
 
 // fuzzLimits are small, so that short sequences reach every limit.
-var fuzzLimits = limits{MaxNameplates: 6, MaxMailboxes: 6, MaxMessagesPerMailbox: 5, MaxMailboxBytes: 3 << 10, MaxStoredBytes: 8 << 10}
+var fuzzLimits = limits{MaxNameplates: 6, MaxMailboxes: 6, MaxMessagesPerMailbox: 5, MaxMailboxBytes: 3 << 10, MaxStoredBytes: 8 << 10,
+	MaxNameplatesPerAddr: 3, MaxMailboxesPerAddr: 3, MaxStoredBytesPerAddr: 4 << 10}
 
 // newBareServer is a server with a registry in memory and no listener.
 func newBareServer(l limits, newPerMinute int, clock func() time.Time) *server {
@@ -163,7 +168,7 @@ func newBareServer(l limits, newPerMinute int, clock func() time.Time) *server {
 	return &server{
 		reg:     newRegistry(l, true, nil, nil, m),
 		metrics: m,
-		limiter: newLimiter(0, 0, newPerMinute),
+		limiter: newLimiter(0, newPerMinute),
 		log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		clock:   clock,
 	}
@@ -457,7 +462,7 @@ func FuzzReplay(f *testing.F) {
 		}
 		for _, a := range reg.apps {
 			for name := range a.nameplates {
-				reg.claimLocked(a.id, name, "newcomer", now)
+				reg.claimLocked(a.id, name, "newcomer", netip.Addr{}, now)
 				reg.releaseLocked(a.id, name, "newcomer", now)
 			}
 		}
@@ -466,8 +471,8 @@ func FuzzReplay(f *testing.F) {
 				if mb.deleted {
 					continue
 				}
-				if _, err := reg.openLocked(a, id, "newcomer", now); err == nil {
-					reg.addLocked(mb, message{side: "newcomer", phase: "p", body: "b", serverRx: now, id: jsonNull})
+				if _, err := reg.openLocked(a, id, "newcomer", netip.Addr{}, now); err == nil {
+					reg.addLocked(mb, message{side: "newcomer", phase: "p", body: "b", serverRx: now, id: jsonNull}, netip.Addr{})
 				}
 				reg.closeLocked(a, id, "newcomer", "happy", now)
 			}
@@ -497,7 +502,7 @@ func replayBytes(t *testing.T, dir string, data []byte) (*registry, int64, error
 	}
 	defer f.Close()
 	reg := newRegistry(defaultLimits, true, nil, nil, newMetrics())
-	good, err := replay(f, path, reg)
+	good, _, err := replay(context.Background(), f, path, reg)
 	return reg, good, err
 }
 

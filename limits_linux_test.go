@@ -3,7 +3,6 @@
 package main
 
 import (
-	"net"
 	"net/http/httptest"
 	"strings"
 	"syscall"
@@ -31,7 +30,7 @@ func TestTCPKeepAlive(t *testing.T) {
 
 	c, _ := ts.dial(t)
 	sc := ts.serverSide(t, c)
-	rc, err := sc.netConn.(*net.TCPConn).SyscallConn()
+	rc, err := tcpConn(sc.netConn).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}

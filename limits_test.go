@@ -154,7 +154,7 @@ func (ts *testServer) serverSide(t testing.TB, c *testClient) *connection {
 func (ts *testServer) stopReading(t testing.TB, c *testClient) *connection {
 	t.Helper()
 	sc := ts.serverSide(t, c)
-	if err := sc.netConn.(*net.TCPConn).SetWriteBuffer(4096); err != nil {
+	if err := tcpConn(sc.netConn).SetWriteBuffer(4096); err != nil {
 		t.Fatal(err)
 	}
 	return sc
@@ -369,10 +369,12 @@ func TestConnectionLimits(t *testing.T) {
 	})
 }
 
-// TestNewNameplateRateLimit checks the limit on new nameplates per
-// address: allocating, claiming a new name and opening a new mailbox take
-// from it; claiming or opening an existing one does not; other addresses
-// have their own.
+// TestNewNameplateRateLimit checks the allowance of channels per
+// address: allocating, claiming and opening take from it whether the
+// nameplate or mailbox exists or not, so that a refusal tells nothing
+// about which exist (only the claim of the nameplate a connection
+// allocated, and the open of the mailbox its claim returned, are paid for
+// already); other addresses have their own.
 func TestNewNameplateRateLimit(t *testing.T) {
 	cfg := testConfig()
 	cfg.nameplatesPerMin = 2
@@ -382,17 +384,23 @@ func TestNewNameplateRateLimit(t *testing.T) {
 		c.bind("app", side)
 		return c
 	}
-	name := client("127.0.0.1", "a").expect(`{"type": "allocate"}`, "allocated")[0].str("nameplate")
-	mailbox := client("127.0.0.1", "b").expect(`{"type": "claim", "nameplate": "77"}`, "claimed")[0].str("mailbox")
+	a := client("127.0.0.1", "a")
+	name := a.expect(`{"type": "allocate"}`, "allocated")[0].str("nameplate")
+	mailbox := a.expect(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "claimed")[0].str("mailbox")
+	a.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mailbox))
+	client("127.0.0.1", "b").expect(`{"type": "claim", "nameplate": "77"}`, "claimed")
 	client("127.0.0.1", "c").expectError(`{"type": "allocate"}`, "too many new nameplates from your address, try again later")
-	c := client("127.0.0.1", "d")
-	c.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later")
-	c.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later") // the refused claim was not used up
-	c.expect(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "claimed")                                        // an existing nameplate is free
+	d := client("127.0.0.1", "d")
+	d.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later")
+	d.expectError(`{"type": "claim", "nameplate": "78"}`, "too many new nameplates from your address, try again later") // the refused claim was not used up
+	d.expectError(fmt.Sprintf(`{"type": "claim", "nameplate": %q}`, name), "too many new nameplates from your address, try again later")
 	e := client("127.0.0.1", "e")
 	e.expectError(`{"type": "open", "mailbox": "new"}`, "too many new mailboxes from your address, try again later")
-	e.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mailbox)) // an existing mailbox is free
+	e.expectError(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mailbox), "too many new mailboxes from your address, try again later")
 	client("127.0.0.2", "f").expect(`{"type": "allocate"}`, "allocated")
+	if got := ts.metrics.refusals.Get("new nameplates per address"); got == nil || got.String() != "6" {
+		t.Errorf("refusals counted: %v, want 6", got)
+	}
 }
 
 // TestTrustProxyHeader checks --trust-proxy-header: the header's address
@@ -506,20 +514,24 @@ func TestLimiter(t *testing.T) {
 		}
 	}
 
-	l := newLimiter(2, 3, 2)
+	l := newLimiter(2, 2)
 	a1, a2, b := netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8::2"), netip.MustParseAddr("2001:db8:0:1::1")
 	for i, tc := range []struct {
 		ip   netip.Addr
 		want string
-	}{{a1, ""}, {a2, ""}, {a1, errTooManyConnsFromAddr}, {b, errTooManyConns}} {
+	}{{a1, ""}, {a2, ""}, {a1, errTooManyConnsFromAddr}, {b, ""}} {
 		if got := l.connect(tc.ip); got != tc.want {
 			t.Errorf("connection %d from %v: %q, want %q", i, tc.ip, got, tc.want)
 		}
 	}
-	l.disconnect(b)
 	l.disconnect(a1)
-	if got := l.connect(b); got != "" {
-		t.Errorf("after two left, a connection from another /64: %q", got)
+	if got := l.connect(a1); got != errTooManyConnsFromAddr {
+		t.Errorf("after one left, a third from a /64 that had three: %q", got)
+	}
+	l.disconnect(a1)
+	l.disconnect(a2)
+	if got := l.connect(a2); got != "" {
+		t.Errorf("after two left, a connection from the /64: %q", got)
 	}
 	if !l.allowNewNameplate(a1) || !l.allowNewNameplate(a2) || l.allowNewNameplate(a1) {
 		t.Error("a /64 did not share its two new nameplates a minute")
@@ -530,7 +542,7 @@ func TestLimiter(t *testing.T) {
 
 	// The table of addresses is bounded: when it is full of addresses
 	// still refilling, a new address is refused; known ones go on.
-	l = newLimiter(0, 0, 1)
+	l = newLimiter(0, 1)
 	for i := range maxTrackedAddrs {
 		l.allowNewNameplate(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
 	}
@@ -669,6 +681,55 @@ func TestOutboxBudget(t *testing.T) {
 		t.Fatalf("the reading sender was disconnected: %v", reason)
 	}
 	ts.stopAndCheckOutboxes(t)
+}
+
+// TestOutboxFairShare checks that when all outboxes together are full,
+// the client holding the most is disconnected, not one that reads but
+// briefly wants more than its reserve (the replay of a mailbox, here).
+func TestOutboxFairShare(t *testing.T) {
+	cfg := testConfig()
+	cfg.limits.MaxMailboxBytes, cfg.limits.MaxStoredBytes, cfg.limits.MaxMessagesPerMailbox = 256<<20, 256<<20, 100_000
+	ts := startServerWith(t, cfg, testLogger(t), func(srv *server) {
+		srv.maxOutboxBytes, srv.maxOutboxTotalBytes = 64<<20, 128<<10
+	})
+	add := fmt.Sprintf(`{"type": "add", "phase": "p", "body": "%s"}`, strings.Repeat("ab", 2048))
+	small, _ := ts.dial(t) // a mailbox whose replay is 20 KiB, more than a reserve
+	small.bind("app", "small")
+	small.expect(`{"type": "open", "mailbox": "small"}`)
+	for range 5 {
+		small.expect(add, "message")
+	}
+	w, _ := ts.dial(t)
+	w.bind("app", "w")
+	w.expect(`{"type": "open", "mailbox": "mb"}`)
+	s, _ := mustDialFrom(t, ts.url, dialOptions{small: true})
+	s.bind("app", "s")
+	s.expect(`{"type": "open", "mailbox": "mb"}`)
+	slow := ts.stopReading(t, s)
+	for i := 0; ts.outboxBytes.Load() < ts.maxOutboxTotalBytes-8<<10; i++ { // fill the pool through the reader that stopped
+		if i == 4000 {
+			t.Fatal("the outboxes never filled")
+		}
+		w.expect(add, "message")
+	}
+	if _, reason := slow.outboxState(); reason != nil {
+		t.Fatalf("the reader that stopped was disconnected before the pool filled: %v", reason)
+	}
+	r, _ := ts.dial(t)
+	r.bind("app", "r")
+	if got := r.expect(`{"type": "open", "mailbox": "small"}`, "message", "message", "message", "message", "message"); len(got) != 5 {
+		t.Fatalf("replay: %v", got)
+	}
+	waitFor(t, "the reader that stopped to be disconnected", func() bool {
+		_, reason := slow.outboxState()
+		return reason != nil
+	})
+	if _, reason := slow.outboxState(); !errors.Is(reason, errOutboxesFull) {
+		t.Fatalf("the reader that stopped ended with %v, want %v", reason, errOutboxesFull)
+	}
+	if _, reason := ts.serverSide(t, r).outboxState(); reason != nil {
+		t.Fatalf("the reading client was disconnected: %v", reason)
+	}
 }
 
 // openPair connects two clients to one mailbox of app.
@@ -870,8 +931,8 @@ func TestFlood(t *testing.T) {
 				fail("finding its server connection", nil)
 				return
 			}
-			sc.netConn.(*net.TCPConn).SetWriteBuffer(4096) // so that it fills with a few frames
-			for i := 0; send(c, bigPing) == nil; i++ {     // until disconnected
+			tcpConn(sc.netConn).SetWriteBuffer(4096)   // so that it fills with a few frames
+			for i := 0; send(c, bigPing) == nil; i++ { // until disconnected
 				if i == 1000 {
 					t.Errorf("attacker %s/%d: never disconnected", from, k)
 					break

@@ -17,6 +17,7 @@
 // receiver do; it reports the server's memory per waiting client, and at
 // the end checks that every one of them still answers a ping.
 //
+// Attack mode (--attack NAME) is in attack.go.
 // Transit mode (--transit, and the splice floor, --splice-floor)
 // benchmarks a transit relay instead; it is in load_transit.go.
 package main
@@ -70,6 +71,12 @@ type loadConfig struct {
 	sources  int // how many loopback source addresses to spread connections over
 	hold     time.Duration
 	json     bool
+
+	// Attack mode (attack.go).
+	attack      string
+	attackAddrs int
+	attackConns int
+	ownServer   bool
 }
 
 // loadResult is what a load run measured.
@@ -92,6 +99,16 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	var cfg loadConfig
 	fs := flag.NewFlagSet("wormhole-mailbox load", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: wormhole-mailbox load [flags]
+
+Drive transfers (and optionally waiting clients) at a mailbox server, this
+one or the reference, and report throughput, relay latency and, given
+--pid, the server's CPU time and memory.
+
+`)
+		fs.PrintDefaults()
+	}
 	fs.StringVar(&cfg.url, "url", "ws://127.0.0.1:4000/v1", "the server's WebSocket `URL`")
 	fs.IntVar(&cfg.pairs, "pairs", 10, "transfers running at once")
 	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run transfers")
@@ -100,6 +117,10 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&cfg.hold, "hold", 0, "keep the idle clients waiting this long before the final ping (to run transfers from another process meanwhile, so that latency is measured in a process that holds no idle clients)")
 	fs.IntVar(&cfg.sources, "sources", 8, "connect from this many loopback addresses (127.0.0.2, 127.0.0.3, ...), so ephemeral ports do not run out; 0: the system's choice")
 	fs.BoolVar(&cfg.json, "json", false, "print the result as JSON")
+	fs.StringVar(&cfg.attack, "attack", "", "run this `attack` (see README: "+strings.Join(attackNames, ", ")+") for --duration while --pairs victim pairs run transfers from 127.0.1.x")
+	fs.IntVar(&cfg.attackAddrs, "attack-addrs", -1, "attack from this many loopback addresses (127.0.0.2, ...); -1: the attack's default")
+	fs.IntVar(&cfg.attackConns, "attack-conns", -1, "connections (or nameplates, mailboxes...) per attacking address; -1: the attack's default")
+	fs.BoolVar(&cfg.ownServer, "i-own-this-server", false, "allow --attack against a server that is not on loopback")
 	var tcfg transitLoadConfig
 	addTransitLoadFlags(fs, &tcfg) // load_transit.go
 	if err := fs.Parse(args); err != nil {
@@ -108,6 +129,9 @@ func runLoad(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if tcfg.addr != "" || tcfg.floor != "" {
 		tcfg.pairs, tcfg.pid, tcfg.asJSON = cfg.pairs, cfg.pid, cfg.json
 		return runTransitLoad(ctx, tcfg, stdout, stderr)
+	}
+	if cfg.attack != "" {
+		return runAttack(ctx, cfg, stdout, stderr)
 	}
 	if cfg.sources < 0 || cfg.sources > maxLoadSources {
 		return fmt.Errorf("load: --sources must be 0 to %d", maxLoadSources)
@@ -420,6 +444,7 @@ func pingAll(clients []*loadClient) int {
 type loadDialer struct {
 	url     string
 	sources int
+	subnet  byte // the third byte of the source addresses: 127.0.subnet.2, ...
 	n       atomic.Int64
 }
 
@@ -431,7 +456,7 @@ func (d *loadDialer) dial() (*loadClient, error) {
 	cfg.Dialer = &net.Dialer{Timeout: loadTimeout}
 	if d.sources > 0 {
 		n := d.n.Add(1) % int64(d.sources)
-		cfg.Dialer.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+n))}
+		cfg.Dialer.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, d.subnet, byte(2+n))}
 	}
 	ws, err := websocket.DialConfig(cfg)
 	if err != nil {

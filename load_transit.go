@@ -33,7 +33,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -268,21 +267,6 @@ func sendFrom(conn *net.TCPConn, src *os.File, n int64) error {
 		}
 	}
 	return nil
-}
-
-// procStatusKB returns a field of /proc/PID/status given in kB, or 0.
-func procStatusKB(pid int, field string) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, field); ok {
-			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
-			return kb
-		}
-	}
-	return 0
 }
 
 // serveSpliceFloor is the splice floor: a relay with nothing but the

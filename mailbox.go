@@ -4,7 +4,7 @@
 // done by handing encoded frames to a connection's outbox, which never
 // blocks (see conn.go).
 //
-// The rules are the reference server's (../shared/protocol.md §6, §7, §9):
+// The rules are the reference server's (PROTOCOL.md §8, §9, §10, §12):
 // a nameplate is a short name pointing at one mailbox; a mailbox holds an
 // append-only list of messages; at most two sides may share either; both
 // go away when every side has released or closed them, or when they have
@@ -17,6 +17,7 @@ import (
 	"encoding/base32"
 	"encoding/json"
 	mrand "math/rand/v2"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -39,16 +40,26 @@ type limits struct {
 	// may hold at most 1/appShare of each (see perApp).
 	MaxNameplates int
 	MaxMailboxes  int
-	// MaxMessagesPerMailbox and MaxMailboxBytes bound one mailbox; a
-	// Dilation session stores a few dozen small messages, a file transfer
-	// fewer than ten. A full mailbox, replayed, fits in a connection's
-	// outbox (maxOutboxBytes).
+	// MaxMailboxBytes bounds one mailbox, and is its real bound: a file
+	// transfer stores fewer than ten messages, but a Dilation session
+	// adds 4-6 messages of about 450 bytes (see message.size) at every
+	// reconnection, and a Python client treats the refusal as fatal, so
+	// the bound is set in bytes, where it also bounds memory. A full
+	// mailbox, replayed, fits in a connection's outbox (maxOutboxBytes).
+	// MaxMessagesPerMailbox only backs it up: at the defaults it is
+	// never met first, since a message counts at least 120 bytes.
 	MaxMessagesPerMailbox int
 	MaxMailboxBytes       int
 	// MaxStoredBytes bounds all stored messages together, so that memory
 	// stays bounded however many mailboxes are in use; one app may hold
 	// at most 1/appShare of it.
 	MaxStoredBytes int64
+	// MaxNameplatesPerAddr, MaxMailboxesPerAddr and MaxStoredBytesPerAddr
+	// bound what one client address holds at once (see quota.go), so
+	// that a few addresses cannot fill the pools above; 0: no limit.
+	MaxNameplatesPerAddr  int
+	MaxMailboxesPerAddr   int
+	MaxStoredBytesPerAddr int64
 }
 
 // defaultLimits are generous enough that no real client meets them and
@@ -58,12 +69,28 @@ type limits struct {
 // and 64 MiB of messages, twice that while the journal is compacted.
 // 25,000 channels are 25,000 transfers under way at once, or senders
 // waiting for their receivers; one app may hold half of them.
+//
+// The per-address limits are sized so that 64 addresses, holding all
+// they may, leave room in every pool of one app (the wormhole app's
+// included), and a NAT with a hundred people waiting behind it works:
+//
+//   - nameplates: 64 x 128 = 8,192 < 12,500, one app's half of 25,000;
+//   - mailboxes:  64 x 128 = 8,192 < 12,500, likewise;
+//   - stored bytes: 64 x 576 KiB = 36 MiB < 40 MiB, one app's half of
+//     80 MiB. 576 KiB is one text of the largest message a client may
+//     send (maxMessageBytes, 512 KiB), with 64 KiB to spare for the
+//     other transfers behind the same address. 80 MiB, twice while the
+//     journal is compacted, keeps a server whose store is full well
+//     under 256 MiB.
 var defaultLimits = limits{
 	MaxNameplates:         25_000,
 	MaxMailboxes:          25_000,
-	MaxMessagesPerMailbox: 1_000,
+	MaxMessagesPerMailbox: 100_000,
 	MaxMailboxBytes:       1 << 20,
-	MaxStoredBytes:        64 << 20,
+	MaxStoredBytes:        80 << 20,
+	MaxNameplatesPerAddr:  128,
+	MaxMailboxesPerAddr:   128,
+	MaxStoredBytesPerAddr: 576 << 10,
 }
 
 // appShare divides every server-wide limit into what one app may use: an
@@ -76,19 +103,16 @@ const appShare = 2
 // perApp is one app's share of a server-wide limit.
 func perApp[T int | int64](total T) T { return (total + appShare - 1) / appShare }
 
-// crowdedSides is the number of distinct sides above which a nameplate or
-// mailbox is "crowded": a wormhole connects exactly two parties. The
-// third side is recorded, as the reference does, so that the channel's
-// usage record says "crowded"; further sides are refused without being
-// recorded, so that a crowd cannot grow a channel's state or its journal
-// lines.
+// crowdedSides is the most sides a nameplate or mailbox records: a
+// wormhole connects exactly two parties. A third side is refused
+// ("crowded") without being recorded, and the channel is flagged so that
+// its usage record still says "crowded". The reference records the third
+// side, after which its two owners cannot re-open their own mailbox;
+// here a side already recorded always can (a deliberate difference).
 const crowdedSides = 2
 
-// maxSides is the most sides a nameplate or mailbox records.
-const maxSides = crowdedSides + 1
-
 // Allocation tries these many random names in 1000–999999 once every name
-// of up to three digits is taken, as the reference does (§6.1).
+// of up to three digits is taken, as the reference does (PROTOCOL.md §8.1).
 const (
 	allocateRandomTries = 1000
 	allocateRandomMin   = 1000
@@ -113,10 +137,11 @@ type registry struct {
 	// mu guards everything below, and the protocol state of every session.
 	mu            sync.Mutex
 	apps          map[string]*app
-	nameplateN    int   // nameplates in all apps
-	mailboxN      int   // mailboxes in all apps
-	storedBytes   int64 // bodies of all stored messages
-	subscriptions int   // (connection, mailbox) pairs, the reference's "connections_websocket"
+	held          map[netip.Addr]holdings // what each client address holds (quota.go)
+	nameplateN    int                     // nameplates in all apps
+	mailboxN      int                     // mailboxes in all apps
+	storedBytes   int64                   // bodies of all stored messages
+	subscriptions int                     // (connection, mailbox) pairs, the reference's "connections_websocket"
 }
 
 // app is one application namespace (an appid). Apps are created on first
@@ -135,12 +160,14 @@ type nameplate struct {
 	name    string
 	mailbox *mailbox
 	sides   []nameplateSide
+	crowded bool // a third side tried to claim it (not journalled)
 }
 
 type nameplateSide struct {
 	side    string
-	claimed bool    // false once the side has released the nameplate
-	added   float64 // time of the side's first claim
+	claimed bool       // false once the side has released the nameplate
+	added   float64    // time of the side's first claim
+	holder  netip.Addr // the address its claim is charged to; zero for none
 }
 
 // mailbox holds the messages two sides exchange.
@@ -155,13 +182,16 @@ type mailbox struct {
 	subscribers  []*session
 	nameplate    *nameplate // the nameplate pointing at this mailbox, if any
 	deleted      bool       // set when removed from its app, so stale pointers are harmless
+	crowded      bool       // a third side tried to open it (not journalled)
+	charges      []charge   // which addresses its messages' bytes are charged to
 }
 
 type mailboxSide struct {
 	side   string
-	opened bool    // false once the side has closed the mailbox
-	added  float64 // time of the side's first open (or claim)
-	mood   string  // what the side reported at close; "" if nothing
+	opened bool       // false once the side has closed the mailbox
+	added  float64    // time of the side's first open (or claim)
+	mood   string     // what the side reported at close; "" if nothing
+	holder netip.Addr // the address its open is charged to; zero for none
 }
 
 // message is one stored "add": what the side sent and when it arrived.
@@ -195,7 +225,21 @@ func newRegistry(l limits, allowList bool, journal *store, usage *usageLog, m *m
 		usage:     usage,
 		metrics:   m,
 		apps:      make(map[string]*app),
+		held:      make(map[netip.Addr]holdings),
 	}
+}
+
+// count returns how many nameplates, mailboxes and stored messages the
+// registry holds.
+func (r *registry) count() (nameplates, mailboxes, messages int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.apps {
+		for _, mb := range a.mailboxes {
+			messages += len(mb.messages)
+		}
+	}
+	return r.nameplateN, r.mailboxN, messages
 }
 
 // appLocked returns the app with this id, creating it if needed.
@@ -221,10 +265,23 @@ func (r *registry) nameplateExistsLocked(appID, name string) bool {
 	return a != nil && a.nameplates[name] != nil
 }
 
-// mailboxExistsLocked reports whether the app has a mailbox of this id.
-func (r *registry) mailboxExistsLocked(appID, id string) bool {
+// nameplateHasSideLocked reports whether side is recorded on the app's
+// nameplate of this name. The protocol asks it only of a nameplate the
+// connection was given, so it tells nothing about others.
+func (r *registry) nameplateHasSideLocked(appID, name, side string) bool {
 	a := r.apps[appID]
-	return a != nil && a.mailboxes[id] != nil
+	if a == nil || a.nameplates[name] == nil {
+		return false
+	}
+	return slices.ContainsFunc(a.nameplates[name].sides, func(s nameplateSide) bool { return s.side == side })
+}
+
+// mailboxHasSideLocked reports whether side is recorded on the app's
+// mailbox of this id; like nameplateHasSideLocked, it is asked only of
+// the mailbox the connection's claim returned.
+func (r *registry) mailboxHasSideLocked(appID, id, side string) bool {
+	a := r.apps[appID]
+	return a != nil && a.mailboxes[id] != nil && a.mailboxes[id].hasSide(side)
 }
 
 // listLocked returns the names of the app's nameplates sorted as strings,
@@ -242,15 +299,16 @@ func (r *registry) listLocked(appID string) []string {
 	return names
 }
 
-// allocateLocked picks a free nameplate (§6.1) and claims it for side.
-func (r *registry) allocateLocked(appID, side string, now float64) (string, error) {
+// allocateLocked picks a free nameplate (PROTOCOL.md §8.1) and claims it for side,
+// charging the claim to addr.
+func (r *registry) allocateLocked(appID, side string, addr netip.Addr, now float64) (string, error) {
 	a := r.appLocked(appID)
 	name, ok := a.freeNameplate()
 	if !ok {
 		r.dropIfEmptyLocked(a)
 		return "", errNoFreeNameplate
 	}
-	if _, err := r.claimLocked(appID, name, side, now); err != nil {
+	if _, err := r.claimLocked(appID, name, side, addr, now); err != nil {
 		return "", err
 	}
 	return name, nil
@@ -301,12 +359,13 @@ func (a *app) freeNameplate() (string, bool) {
 	return "", false
 }
 
-// claimLocked claims nameplate name for side (§6.2) and returns the id of
+// claimLocked claims nameplate name for side (PROTOCOL.md §8.2) and returns the id of
 // its mailbox. A new name creates the nameplate and a new mailbox. Claiming
-// also opens the mailbox for the side. A third side gets errCrowded (its
-// claim is still recorded, as the reference does), and a side that already
+// also opens the mailbox for the side. A new side's claim and open are
+// charged to addr. A third side, on the nameplate or its mailbox, gets
+// errCrowded and is not recorded (see crowdedSides); a side that already
 // released this nameplate gets errReclaimed.
-func (r *registry) claimLocked(appID, name, side string, now float64) (string, error) {
+func (r *registry) claimLocked(appID, name, side string, addr netip.Addr, now float64) (string, error) {
 	a := r.appLocked(appID)
 	np := a.nameplates[name]
 	if np == nil {
@@ -326,22 +385,22 @@ func (r *registry) claimLocked(appID, name, side string, now float64) (string, e
 		return "", errReclaimed
 	}
 	if i < 0 {
-		if len(np.sides) >= maxSides {
+		mb := np.mailbox
+		if len(np.sides) >= crowdedSides || !mb.hasSide(side) && len(mb.sides) >= crowdedSides {
+			np.crowded, mb.crowded = true, true
 			return "", errCrowded
 		}
-		np.sides = append(np.sides, nameplateSide{side: side, claimed: true, added: now})
+		np.sides = append(np.sides, nameplateSide{side: side, claimed: true, added: now, holder: addr})
+		r.holdLocked(addr, holdings{nameplates: 1})
 		r.journal.nameplate(a, np)
 	}
-	if _, err := r.openLocked(a, np.mailbox.id, side, now); err != nil {
+	if _, err := r.openLocked(a, np.mailbox.id, side, addr, now); err != nil {
 		return "", err
-	}
-	if len(np.sides) > crowdedSides {
-		return "", errCrowded
 	}
 	return np.mailbox.id, nil
 }
 
-// releaseLocked releases side's claim on a nameplate (§6.3). Unknown
+// releaseLocked releases side's claim on a nameplate (PROTOCOL.md §8.3). Unknown
 // nameplates and sides are ignored. When no side holds a claim any more the
 // nameplate is deleted; its mailbox stays until its sides close it.
 func (r *registry) releaseLocked(appID, name, side string, now float64) {
@@ -357,6 +416,7 @@ func (r *registry) releaseLocked(appID, name, side string, now float64) {
 	if i < 0 {
 		return
 	}
+	r.releaseClaimLocked(&np.sides[i])
 	np.sides[i].claimed = false
 	if slices.ContainsFunc(np.sides, func(s nameplateSide) bool { return s.claimed }) {
 		r.journal.nameplate(a, np)
@@ -366,10 +426,11 @@ func (r *registry) releaseLocked(appID, name, side string, now float64) {
 	r.dropIfEmptyLocked(a)
 }
 
-// openLocked opens mailbox id for side (§7.1), creating it if it does not
-// exist. It refreshes the mailbox's activity time. A third side gets
-// errCrowded, though its side is still recorded, as the reference does.
-func (r *registry) openLocked(a *app, id, side string, now float64) (*mailbox, error) {
+// openLocked opens mailbox id for side (PROTOCOL.md §9.1), creating it if it does not
+// exist, and charges a new side's open to addr. It refreshes the
+// mailbox's activity time. A third side gets errCrowded and is not
+// recorded; a side already recorded may always open it again.
+func (r *registry) openLocked(a *app, id, side string, addr netip.Addr, now float64) (*mailbox, error) {
 	mb := a.mailboxes[id]
 	if mb == nil {
 		var err error
@@ -377,18 +438,22 @@ func (r *registry) openLocked(a *app, id, side string, now float64) (*mailbox, e
 			return nil, err
 		}
 	}
-	if !slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.side == side }) {
-		if len(mb.sides) >= maxSides {
+	if !mb.hasSide(side) {
+		if len(mb.sides) >= crowdedSides {
+			mb.crowded = true
 			return nil, errCrowded
 		}
-		mb.sides = append(mb.sides, mailboxSide{side: side, opened: true, added: now})
+		mb.sides = append(mb.sides, mailboxSide{side: side, opened: true, added: now, holder: addr})
+		r.holdLocked(addr, holdings{mailboxes: 1})
 	}
 	mb.updated = now
 	r.journal.mailbox(mb)
-	if len(mb.sides) > crowdedSides {
-		return nil, errCrowded
-	}
 	return mb, nil
+}
+
+// hasSide reports whether side is recorded on mb.
+func (mb *mailbox) hasSide(side string) bool {
+	return slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.side == side })
 }
 
 // createMailboxLocked adds an empty mailbox to the app, if the limits allow.
@@ -413,9 +478,10 @@ func (r *registry) roomForNameplateLocked(a *app) error {
 	return nil
 }
 
-// addLocked stores a message in mb and hands it to every subscriber,
-// the sender's own connection included, in the same order for all.
-func (r *registry) addLocked(mb *mailbox, m message) error {
+// addLocked stores a message in mb, charged to addr, and hands it to
+// every subscriber, the sender's own connection included, in the same
+// order for all.
+func (r *registry) addLocked(mb *mailbox, m message, addr netip.Addr) error {
 	m.id = compactJSON(m.id)
 	size := m.size()
 	switch {
@@ -425,12 +491,18 @@ func (r *registry) addLocked(mb *mailbox, m message) error {
 	case mb.bytes+size > r.limits.MaxMailboxBytes:
 		r.metrics.refused("mailbox full")
 		return errMailboxFull
+	}
+	if err := r.roomForAddrLocked(addr, holdings{bytes: int64(size)}); err != nil {
+		return err
+	}
+	switch {
 	case mb.app.bytes+int64(size) > perApp(r.limits.MaxStoredBytes),
 		r.storedBytes+int64(size) > r.limits.MaxStoredBytes:
 		r.metrics.refused("stored bytes")
 		return errStoreFull
 	}
 	r.storeLocked(mb, m, size)
+	r.chargeBytesLocked(mb, addr, int64(size))
 	r.journal.message(mb, m)
 	r.metrics.messages.Add(1)
 	r.metrics.delivered.Add(int64(len(mb.subscribers)))
@@ -478,6 +550,30 @@ func (r *registry) subscribeLocked(mb *mailbox, s *session) {
 	}
 }
 
+// maxSubscribersPerSide is how many connections may have one mailbox
+// open for the same side at once. A client has one; after its network
+// drops it reconnects and opens again while the server may not yet have
+// noticed the old connection is gone, so a few are allowed. More would
+// only let one client multiply what each message costs to deliver (and
+// what a mailbox's replay costs) by opening it again and again.
+const maxSubscribersPerSide = 4
+
+// subscribersOfSideLocked counts the connections subscribed to mailbox id
+// of the app for side.
+func (r *registry) subscribersOfSideLocked(appID, id, side string) int {
+	a := r.apps[appID]
+	if a == nil || a.mailboxes[id] == nil {
+		return 0
+	}
+	n := 0
+	for _, sub := range a.mailboxes[id].subscribers {
+		if sub.side == side {
+			n++
+		}
+	}
+	return n
+}
+
 // unsubscribeLocked stops delivering mb's messages to s.
 func (r *registry) unsubscribeLocked(mb *mailbox, s *session) {
 	if i := slices.Index(mb.subscribers, s); i >= 0 {
@@ -486,7 +582,7 @@ func (r *registry) unsubscribeLocked(mb *mailbox, s *session) {
 	}
 }
 
-// closeLocked records that side closed mailbox id with this mood (§7.3).
+// closeLocked records that side closed mailbox id with this mood (PROTOCOL.md §9.3).
 // Unknown mailboxes and sides are ignored. When every side has closed it,
 // the mailbox, its messages and any nameplate still pointing at it go.
 func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
@@ -498,6 +594,7 @@ func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
 	if i < 0 {
 		return
 	}
+	r.releaseOpenLocked(&mb.sides[i])
 	mb.sides[i].opened = false
 	mb.sides[i].mood = mood
 	if slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.opened }) {
@@ -541,6 +638,7 @@ func (r *registry) forgetMailboxLocked(mb *mailbox) {
 		r.subscriptions--
 	}
 	mb.subscribers = nil
+	r.releaseMailboxLocked(mb)
 	delete(a.mailboxes, mb.id)
 	mb.deleted = true
 	r.mailboxN--
@@ -569,6 +667,7 @@ func (r *registry) point(np *nameplate, mb *mailbox) {
 }
 
 func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
+	r.releaseNameplateLocked(np)
 	delete(a.nameplates, np.name)
 	a.short[shortName(np.name)]--
 	if np.mailbox.nameplate == np {
@@ -578,7 +677,7 @@ func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
 	r.metrics.nameplates.Add(-1)
 }
 
-// pruneLocked deletes every channel idle since before old (§9.4). A
+// pruneLocked deletes every channel idle since before old (PROTOCOL.md §12). A
 // mailbox with a subscribed connection counts as active now, so only
 // channels nobody is connected to can expire; a nameplate goes with its
 // mailbox.

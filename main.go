@@ -15,6 +15,7 @@
 //	usage.go     the usage log and the live counters
 //	stats.go     the "stats" command, which summarises a usage log
 //	load.go      the "load" command, a load driver for benchmarks
+//	attack.go    the load command's attack mode, resource attacks on a server of your own
 //	transit.go   the transit relay, optional: files between clients that
 //	             cannot reach each other
 package main
@@ -23,6 +24,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"expvar"
 	"flag"
 	"fmt"
 	"io"
@@ -45,7 +47,7 @@ import (
 // Server header.
 const version = "0.1.0"
 
-// Pruning, as the reference does it (§9.4): every pruneInterval, and once
+// Pruning, as the reference does it (PROTOCOL.md §12): every pruneInterval, and once
 // at start-up, channels idle for channelExpiry with no connection
 // subscribed are deleted. The expiry exceeds the interval so a channel
 // lives at least 11 minutes after its last activity, time enough for a
@@ -59,12 +61,21 @@ const (
 // over HTTP, and it is small.
 const (
 	readHeaderTimeout = 10 * time.Second
-	maxHeaderBytes    = 16 << 10
+
+	// maxHeaderBytes bounds the opening request's line and headers, all
+	// a WebSocket client sends over HTTP (a few hundred bytes).
+	maxHeaderBytes = 16 << 10
+
+	// headerSlack is what net/http reads beyond its MaxHeaderBytes
+	// (4096 bytes), taken off so that maxHeaderBytes is the limit.
+	headerSlack = 4 << 10
 
 	// httpIdleTimeout is how long a connection that made a plain HTTP
-	// request (the banner at /) may stay open waiting for another; a
+	// request (the banner at /) may stay open waiting for another: short,
+	// because every open connection counts against the connection limits
+	// and a browser or a monitor that comes back later opens another. A
 	// WebSocket connection is taken from net/http and does not meet it.
-	httpIdleTimeout = 60 * time.Second
+	httpIdleTimeout = 5 * time.Second
 
 	// shutdownTimeout is how long a shutdown waits for the clients to be
 	// sent what they are owed and a close, one frame write's time
@@ -77,7 +88,7 @@ const (
 // flood. In all: 5,000 transfers under way at once, and at about 10 KiB
 // each (a goroutine, buffers, a kernel socket) a tenth of a 1 GiB machine.
 const (
-	defaultMaxConnsPerAddr     = 256
+	defaultMaxConnsPerAddr     = 128
 	defaultMaxConns            = 10_000
 	defaultNameplatesPerMinute = 60
 )
@@ -106,26 +117,28 @@ func main() {
 
 // config is everything the command line sets.
 type config struct {
-	port             string
-	channelDB        string
-	fsync            bool
-	usageDB          string
-	blurUsage        int
-	welcome          welcomeInfo
-	allowList        bool
-	metricsListen    string
-	trustProxyHeader string
-	tlsCert, tlsKey  string
-	logFormat        string
-	logMessages      bool
-	limits           limits
-	maxMessageBytes  int
-	maxConnsPerAddr  int
-	maxConns         int
-	nameplatesPerMin int
-	transit          transitConfig // the transit relay (transit.go); off unless a listener is given
-	pruneInterval    time.Duration // pruneInterval unless a test sets another
-	channelExpiry    time.Duration // channelExpiry unless a test sets another
+	port              string
+	channelDB         string
+	fsync             bool
+	usageDB           string
+	usageRate         int // --max-usage-log-rate
+	blurUsage         int
+	welcome           welcomeInfo
+	allowList         bool
+	metricsListen     string
+	trustProxyHeader  string
+	tlsCert, tlsKey   string
+	logFormat         string
+	logMessages       bool
+	limits            limits
+	maxMessageBytes   int
+	maxConnsPerAddr   int
+	maxConns          int
+	nameplatesPerMin  int
+	commandsPerSecond int
+	transit           transitConfig // the transit relay (transit.go); off unless a listener is given
+	pruneInterval     time.Duration // pruneInterval unless a test sets another
+	channelExpiry     time.Duration // channelExpiry unless a test sets another
 }
 
 // run is the whole program; main only supplies the process's context,
@@ -146,8 +159,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(cfg.logFormat, stderr)
-	srv, err := newServer(cfg, log)
+	srv, err := openServer(ctx, cfg, log)
 	if err != nil {
+		if ctx.Err() != nil { // asked to stop while starting: nothing was served
+			log.Info("stopped while starting", "err", err)
+			return nil
+		}
 		return err
 	}
 	defer srv.close()
@@ -175,15 +192,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		defer mln.Close()
 	}
-	httpSrv := &http.Server{
-		Handler:           srv.handler(),
-		ReadHeaderTimeout: readHeaderTimeout, // also bounds the TLS handshake
-		MaxHeaderBytes:    maxHeaderBytes,
-		IdleTimeout:       httpIdleTimeout,
-		ErrorLog:          httpErrorLog(log, srv.blurLogs),
-		Protocols:         new(http.Protocols), // HTTP/1.1 only: a WebSocket upgrade needs it
-	}
-	httpSrv.Protocols.SetHTTP1(true)
+	ln = gatedListener{ln, srv.gate}
+	httpSrv := srv.httpServer(log)
 	var cert *certificate
 	scheme := "ws"
 	if cfg.tlsCert != "" {
@@ -220,7 +230,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			srv.reopen(cert)
 			continue
 		case err = <-serveErr:
-		case err = <-srv.failed:
 		case <-ctx.Done():
 		}
 		break
@@ -292,18 +301,19 @@ server's where it has them.
 	fs.StringVar(&cfg.port, "port", "tcp:4000", portHelp)
 	fs.StringVar(&cfg.port, "p", "tcp:4000", "short for --port")
 	fs.StringVar(&cfg.channelDB, "channel-db", "relay.jsonl", "journal `file` that keeps channel state across restarts; :memory: keeps none")
-	fsyncMode := fs.String("fsync", "always", "`always`: make every change durable before answering; never: leave it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
+	fsyncMode := fs.String("fsync", "always", "`mode`: always makes every change durable before answering; never leaves it to the OS (survives a crash of the server, not of the machine; for benchmarks)")
 	fs.StringVar(&cfg.usageDB, "usage-db", "", "usage log `file` (JSON lines); none by default")
-	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses")
+	fs.IntVar(&cfg.usageRate, "max-usage-log-rate", defaultUsageBytesPerSecond, "most `bytes` per second the usage log grows by (records past it are dropped and counted); 0: no limit")
+	fs.IntVar(&cfg.blurUsage, "blur-usage", -1, "round usage times down to this many `seconds`, and log no client addresses; -1: no blurring")
 	fs.StringVar(&cfg.welcome.currentCLIVersion, "advertise-version", "", "tell clients this is the current client `version`")
 	fs.StringVar(&cfg.welcome.signalError, "signal-error", "", "tell every client this `error` and so refuse service")
 	fs.StringVar(&cfg.welcome.motd, "motd", "", "message of the day `text` shown by clients")
 	disallowList := fs.Bool("disallow-list", false, "answer \"list\" with no nameplates, so nobody can see which are waiting")
-	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:4003")
+	fs.StringVar(&cfg.metricsListen, "metrics-listen", "", "serve counters (/debug/vars) and a health check (/healthz) on this `address`, e.g. 127.0.0.1:9400")
 	fs.StringVar(&cfg.trustProxyHeader, "trust-proxy-header", "", "take the client's address from this `header` (X-Real-IP or X-Forwarded-For) set by a reverse proxy in front")
 	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "serve wss:// with this certificate `file` (PEM; re-read on SIGHUP)")
 	fs.StringVar(&cfg.tlsKey, "tls-key", "", "the certificate's private key `file` (PEM)")
-	fs.StringVar(&cfg.logFormat, "log-format", "text", "log as `text` or json")
+	fs.StringVar(&cfg.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.BoolVar(&cfg.logMessages, "log-messages", false, "log every message in and out (bodies shortened), to learn the protocol")
 	fs.IntVar(&cfg.maxMessageBytes, "max-message-size", maxMessageBytes, "largest client message in `bytes`")
 	fs.IntVar(&cfg.limits.MaxMessagesPerMailbox, "max-mailbox-messages", defaultLimits.MaxMessagesPerMailbox, "most messages one mailbox may hold")
@@ -311,18 +321,26 @@ server's where it has them.
 	fs.IntVar(&cfg.limits.MaxNameplates, "max-nameplates", defaultLimits.MaxNameplates, "most nameplates in all apps together")
 	fs.IntVar(&cfg.limits.MaxMailboxes, "max-mailboxes", defaultLimits.MaxMailboxes, "most mailboxes in all apps together")
 	fs.Int64Var(&cfg.limits.MaxStoredBytes, "max-stored-bytes", defaultLimits.MaxStoredBytes, "most message `bytes` stored in all mailboxes together")
+	fs.IntVar(&cfg.limits.MaxNameplatesPerAddr, "max-nameplates-per-ip", defaultLimits.MaxNameplatesPerAddr, "most nameplates claimed at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.limits.MaxMailboxesPerAddr, "max-mailboxes-per-ip", defaultLimits.MaxMailboxesPerAddr, "most mailboxes open at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
+	fs.Int64Var(&cfg.limits.MaxStoredBytesPerAddr, "max-stored-bytes-per-ip", defaultLimits.MaxStoredBytesPerAddr, "most message `bytes` stored at once by the sides of one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConnsPerAddr, "max-connections-per-ip", defaultMaxConnsPerAddr, "most connections open at once from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
-	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most new nameplates (allocate, claim of a new name, or open of a new mailbox) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most allocates, claims and opens (of new or existing channels) per minute from one IPv4 address or IPv6 /64; 0: no limit")
+	fs.IntVar(&cfg.commandsPerSecond, "max-commands-per-second", commandsPerSecond, "most commands per second one connection may send, after a burst of "+strconv.Itoa(commandBurst)+"; 0: no limit")
 	addTransitFlags(fs, &cfg.transit)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
+	protocolOption := fs.String("websocket-protocol-option", "", "not supported (the reference's Autobahn `option`s); refused with a reason")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
 	if fs.NArg() > 0 {
-		fs.Usage()
-		return cfg, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+		return cfg, fmt.Errorf("unexpected argument %q: the server takes only flags, and the commands stats, load and healthcheck (see --help)", fs.Arg(0))
+	}
+	if *protocolOption != "" {
+		return cfg, errors.New("--websocket-protocol-option is not supported: it set the reference's Autobahn options; " +
+			"this server's limits have flags of their own (see --help)")
 	}
 	if *showVersion {
 		fmt.Fprintln(stdout, "wormhole-mailbox", version)
@@ -352,9 +370,14 @@ server's where it has them.
 		{"max-nameplates", int64(cfg.limits.MaxNameplates), 1},
 		{"max-mailboxes", int64(cfg.limits.MaxMailboxes), 1},
 		{"max-stored-bytes", cfg.limits.MaxStoredBytes, 1},
+		{"max-nameplates-per-ip", int64(cfg.limits.MaxNameplatesPerAddr), 0},
+		{"max-mailboxes-per-ip", int64(cfg.limits.MaxMailboxesPerAddr), 0},
+		{"max-stored-bytes-per-ip", cfg.limits.MaxStoredBytesPerAddr, 0},
 		{"max-connections-per-ip", int64(cfg.maxConnsPerAddr), 0},
 		{"max-connections", int64(cfg.maxConns), 0},
 		{"max-new-nameplates-per-ip", int64(cfg.nameplatesPerMin), 0},
+		{"max-commands-per-second", int64(cfg.commandsPerSecond), 0},
+		{"max-usage-log-rate", int64(cfg.usageRate), 0},
 	} {
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
@@ -424,8 +447,10 @@ func runHealthcheck(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: wormhole-mailbox healthcheck URL
 
-Fetch URL, such as http://127.0.0.1:4003/healthz (served by
+Fetch URL, such as http://127.0.0.1:9400/healthz (served by
 --metrics-listen), and exit with status 0 if the answer is 200 OK.
+A bare HOST:PORT, as given to --metrics-listen, means
+http://HOST:PORT/healthz.
 `)
 	}
 	if err := fs.Parse(args); err != nil {
@@ -437,9 +462,13 @@ Fetch URL, such as http://127.0.0.1:4003/healthz (served by
 	}
 	ctx, cancel := context.WithTimeout(ctx, healthcheckTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fs.Arg(0), nil)
+	target := fs.Arg(0)
+	if !strings.Contains(target, "://") {
+		target = "http://" + target + "/healthz"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	if err != nil {
-		return fmt.Errorf("healthcheck: %w", err)
+		return fmt.Errorf("healthcheck: %w (give a URL such as http://127.0.0.1:9400/healthz)", err)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -507,28 +536,38 @@ type server struct {
 	reg         *registry
 	transit     *transitRelay // nil unless the transit relay is on
 	metrics     *metrics
+	gate        *connGate // counts every TCP connection (limits.go)
 	limiter     *limiter
 	log         *slog.Logger
-	failed      chan error // the journal failed, and the server must stop
 	stopPruning context.CancelFunc
 	pruned      chan struct{} // closed when the prune loop has stopped
 
-	welcome         welcomeInfo
-	serverHeader    string
-	trustHeader     string
-	logMessages     bool
-	blurLogs        bool // --blur-usage: log no client addresses
-	rebooted        float64
-	pingInterval    time.Duration
-	idleTimeout     time.Duration
-	maxMessageBytes int
-	maxOutboxBytes  int
-	clock           func() time.Time
+	welcome        welcomeInfo
+	serverHeader   string
+	trustHeader    string
+	logMessages    bool
+	blurLogs       bool // --blur-usage: log no client addresses
+	rebooted       float64
+	pingInterval   time.Duration
+	idleTimeout    time.Duration
+	messageTimeout time.Duration // see messageTimeout
+	// commandsPerSecond refills each connection's command budget
+	// (--max-commands-per-second); 0: no limit.
+	commandsPerSecond float64
+	maxMessageBytes   int
+	maxOutboxBytes    int
+	clock             func() time.Time
 
 	// outboxBytes is what waits to be written to all clients together,
 	// bounded by maxOutboxTotalBytes (see connection.reserveLocked).
 	outboxBytes         atomic.Int64
 	maxOutboxTotalBytes int64
+	evicting            atomic.Bool // evictLargestOutbox is running
+
+	// partial is the budget for partly received messages (limits.go).
+	partial *partialBudget
+
+	connLogs logSampler // bounds the per-connection log lines (see connLog)
 
 	proxyHint sync.Once // the warning about loopback clients is logged once
 
@@ -542,12 +581,17 @@ type server struct {
 // newServer opens the journal and usage log, replays the journal, and
 // prunes what expired while the server was down.
 func newServer(cfg config, log *slog.Logger) (*server, error) {
+	return openServer(context.Background(), cfg, log)
+}
+
+// openServer is newServer, stopping the replay of the journal when ctx
+// ends (a long one can take seconds, and SIGTERM must work meanwhile).
+func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
 		metrics:             m,
-		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.maxConns, cfg.nameplatesPerMin),
+		limiter:             newLimiter(cfg.maxConnsPerAddr, cfg.nameplatesPerMin),
 		log:                 log,
-		failed:              make(chan error, 1),
 		welcome:             cfg.welcome,
 		serverHeader:        "Magic Wormhole Mailbox (Go) " + version,
 		trustHeader:         cfg.trustProxyHeader,
@@ -555,6 +599,8 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		blurLogs:            cfg.blurUsage >= 0,
 		pingInterval:        pingInterval,
 		idleTimeout:         idleTimeout,
+		messageTimeout:      messageTimeout,
+		commandsPerSecond:   float64(cfg.commandsPerSecond),
 		maxMessageBytes:     cfg.maxMessageBytes,
 		maxOutboxBytes:      max(maxOutboxBytes, 2*cfg.limits.MaxMailboxBytes), // a full mailbox's replay fits
 		maxOutboxTotalBytes: maxOutboxTotalBytes,
@@ -562,10 +608,13 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		conns:               make(map[*connection]struct{}),
 	}
 	srv.rebooted = srv.now()
+	srv.gate = newGate(cfg, log, m)
+	srv.partial = newPartialBudget(maxPartialBytesTotal, (*connection).closeForBudget)
+	m.vars.Set("partial_message_bytes", expvar.Func(func() any { return srv.partial.bytes() }))
 	var usage *usageLog
 	if cfg.usageDB != "" {
 		var err error
-		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, log, m); err != nil {
+		if usage, err = openUsageLog(cfg.usageDB, cfg.blurUsage, cfg.usageRate, log, m); err != nil {
 			return nil, err
 		}
 	}
@@ -575,12 +624,16 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	}
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
-		journal, err := openStore(cfg.channelDB, cfg.fsync, srv.reg, log, m, srv.journalFailed)
+		began := time.Now()
+		journal, err := openStore(ctx, cfg.channelDB, cfg.fsync, srv.reg, log, m)
 		if err != nil {
 			usage.close()
 			return nil, err
 		}
 		srv.reg.journal = journal
+		nameplates, mailboxes, messages := srv.reg.count()
+		log.Info("restored channels", "nameplates", nameplates, "mailboxes", mailboxes, "messages", messages,
+			"file", cfg.channelDB, "ms", time.Since(began).Milliseconds())
 	}
 	if !cfg.allowList {
 		log.Info("listing of allocated nameplates disallowed")
@@ -595,14 +648,53 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 	return srv, nil
 }
 
-// journalFailed is told when the journal can make nothing more durable.
-// Every reply from then on would wait forever, so run stops the server.
-func (srv *server) journalFailed(err error) {
-	select {
-	case srv.failed <- err:
-	default:
+// newGate returns the connection gate for cfg. Behind a trusted proxy
+// every client shares the proxy's address, so the gate counts only the
+// total, and the limiter counts by the address the proxy reports. The
+// total is lowered, if it must be, to leave fdHeadroom and fdRefusalRoom
+// below the process's descriptor limit.
+func newGate(cfg config, log *slog.Logger, m *metrics) *connGate {
+	perAddr := cfg.maxConnsPerAddr
+	if cfg.trustProxyHeader != "" {
+		perAddr = 0
 	}
+	total, maxOpen := cfg.maxConns, 0
+	if limit := fileLimit(); limit > 0 {
+		maxOpen = max(limit-fdHeadroom, 1)
+		fit := max(maxOpen-fdRefusalRoom, 1)
+		if total > fit {
+			log.Warn("lowering the connection limit to fit the file descriptor limit (ulimit -n)",
+				"max-connections", fit, "descriptors", limit)
+		}
+		if total == 0 || total > fit {
+			total = fit
+		}
+	}
+	return newConnGate(perAddr, total, maxOpen, m)
 }
+
+// httpServer returns the HTTP server for the WebSocket listener: every
+// connection it serves comes through the gate (see gatedListener), and
+// the handler finds the gate's record of it in the request's context.
+func (srv *server) httpServer(log *slog.Logger) *http.Server {
+	s := &http.Server{
+		Handler:           srv.handler(),
+		ReadHeaderTimeout: readHeaderTimeout,            // also bounds the TLS handshake
+		MaxHeaderBytes:    maxHeaderBytes - headerSlack, // see headerSlack
+		IdleTimeout:       httpIdleTimeout,
+		ErrorLog:          httpErrorLog(log, srv.blurLogs),
+		Protocols:         new(http.Protocols), // HTTP/1.1 only: a WebSocket upgrade needs it
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, slotKey{}, slotOf(c))
+		},
+	}
+	s.Protocols.SetHTTP1(true)
+	return s
+}
+
+// slotKey is the request context key of the gate's record of the
+// connection (a *connSlot).
+type slotKey struct{}
 
 // now is the server's clock in Unix seconds, the unit of the protocol.
 func (srv *server) now() float64 {
@@ -628,6 +720,9 @@ func (srv *server) handler() http.Handler {
 			srv.serveWebSocket(w, r)
 		case path != "/":
 			http.NotFound(w, r)
+		case refusedConn(r) != "":
+			w.Header().Set("Connection", "close")
+			http.Error(w, refusedConn(r), http.StatusServiceUnavailable)
 		case r.Method != http.MethodGet && r.Method != http.MethodHead:
 			w.Header().Set("Allow", "HEAD, GET")
 			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
@@ -638,10 +733,20 @@ func (srv *server) handler() http.Handler {
 	})
 }
 
-// admit counts a new connection against the connection limits. It returns
-// an error text if the client's address, or the server, already has as
-// many connections as it may.
-func (srv *server) admit(c *connection) string {
+// refusedConn is why the gate refused the connection r came on, if it did.
+func refusedConn(r *http.Request) string {
+	if s, _ := r.Context().Value(slotKey{}).(*connSlot); s != nil {
+		return s.refused
+	}
+	return ""
+}
+
+// admit counts a new WebSocket connection. It returns an error text if
+// the client's address, or the server, already has as many connections as
+// it may: the gate decided when the connection was accepted (slot), and
+// behind a trusted proxy the limiter counts by the address the proxy
+// reported.
+func (srv *server) admit(c *connection, slot *connSlot) string {
 	srv.metrics.connections.Add(1)
 	srv.metrics.connectionsTotal.Add(1)
 	if srv.trustHeader == "" && c.addr.ip.IsLoopback() {
@@ -650,19 +755,29 @@ func (srv *server) admit(c *connection) string {
 				"set --trust-proxy-header, or the per-address limits count all its clients as one")
 		})
 	}
+	if slot != nil {
+		slot.setEvict(c.closeForFairShare)
+		if slot.refused != "" {
+			return slot.refused
+		}
+	}
+	if srv.trustHeader == "" {
+		return ""
+	}
+	c.byHeader = true
 	why := srv.limiter.connect(c.addr.ip)
-	switch why {
-	case errTooManyConnsFromAddr:
+	if why == errTooManyConnsFromAddr {
 		srv.metrics.refused("connections per address")
-	case errTooManyConns:
-		srv.metrics.refused("connections")
 	}
 	return why
 }
 
-// release undoes admit.
+// release undoes admit. The gate's count is given back when the
+// connection is closed.
 func (srv *server) release(c *connection) {
-	srv.limiter.disconnect(c.addr.ip)
+	if c.byHeader {
+		srv.limiter.disconnect(c.addr.ip)
+	}
 	srv.metrics.connections.Add(-1)
 }
 
@@ -731,13 +846,22 @@ func (srv *server) prune(expiry time.Duration) {
 	reg := srv.reg
 	reg.mu.Lock()
 	nameplates, mailboxes := reg.pruneLocked(now, now-expiry.Seconds())
-	subscriptions := reg.subscriptions
 	reg.mu.Unlock()
-	reg.usage.current(srv.rebooted, now, subscriptions)
+	srv.writeCurrent()
 	srv.limiter.sweep()
 	if nameplates+mailboxes > 0 {
 		srv.log.Info("pruned idle channels", "nameplates", nameplates, "mailboxes", mailboxes)
 	}
+}
+
+// writeCurrent writes the usage log's "current" record: when the server
+// started, now, and how many connections are subscribed to a mailbox.
+func (srv *server) writeCurrent() {
+	reg := srv.reg
+	reg.mu.Lock()
+	subscriptions := reg.subscriptions
+	reg.mu.Unlock()
+	reg.usage.current(srv.rebooted, srv.now(), subscriptions)
 }
 
 // reopen answers SIGHUP: the usage log is reopened (after rotation) and
@@ -757,7 +881,8 @@ func (srv *server) reopen(cert *certificate) {
 	}
 }
 
-// healthy reports whether the server can do its job.
+// healthy reports whether the server can do its job: not while shutting
+// down, nor while the journal is unwritable (changes are refused).
 func (srv *server) healthy() error {
 	if srv.closed.Load() {
 		return errShutdown
@@ -797,6 +922,7 @@ func (srv *server) close() error {
 	srv.stopPruning()
 	<-srv.pruned
 	err := srv.reg.journal.close()
+	srv.writeCurrent() // so that the log's last word on the server says how long it ran
 	srv.reg.usage.close()
 	return err
 }

@@ -9,11 +9,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -518,65 +520,201 @@ func unshareOrSkip(t testing.TB, flag string) {
 	}
 }
 
-// TestDiskFull runs the server with its journal on a small file system
-// (a tmpfs in a private mount namespace) until the disk is full: the
-// client must not see the echo of the message that could not be written,
-// the server must exit with an error that says why, and the journal must
-// replay, its torn last line dropped, with every message that was echoed.
-func TestDiskFull(t *testing.T) {
-	dir := t.TempDir()
-	disk, saved := filepath.Join(dir, "disk"), filepath.Join(dir, "saved.jsonl")
+// fullDisk is a server whose journal is on a small file system of its
+// own (a tmpfs in a private mount namespace), with a filler file taking
+// space that the test can free.
+type fullDisk struct {
+	*proc
+	disk    string // the mount point, as the server sees it
+	metrics string // base URL of the metrics listener
+}
+
+// startOnSmallDisk mounts a tmpfs of size bytes at a new directory, runs
+// setup (a shell script given the mount point as $1 and extra as $2), and
+// starts the server on it with the journal channel.jsonl there.
+func startOnSmallDisk(t *testing.T, size int, setup, extra string) *fullDisk {
+	t.Helper()
+	disk := filepath.Join(t.TempDir(), "disk")
 	os.Mkdir(disk, 0o700)
-	if out, err := exec.Command("unshare", "--mount", "mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", disk).CombinedOutput(); err != nil {
+	if out, err := exec.Command("unshare", "--mount", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk).CombinedOutput(); err != nil {
 		t.Skipf("cannot mount a tmpfs in a private mount namespace here: %v %s", err, bytes.TrimSpace(out))
 	}
 	bin := buildServer(t)
-	script := `mount -t tmpfs -o size=256k tmpfs "$1" || exit 97
-"$2" --port tcp:0:interface=127.0.0.1 --channel-db "$1/channel.jsonl"
-status=$?
-cp "$1/channel.jsonl" "$3"
-exit $status`
-	p := startProc(t, "unshare", "--mount", "sh", "-c", script, "sh", disk, bin, saved)
-	c, err := dialWS(p.url())
+	script := fmt.Sprintf(`mount -t tmpfs -o size=%d tmpfs "$1" || exit 97
+%s
+shift 2
+exec "$@"`, size, setup)
+	p := startProc(t, append([]string{"unshare", "--mount", "sh", "-c", script, "sh", disk, extra},
+		serverArgs(bin, disk+"/channel.jsonl", "--metrics-listen", "127.0.0.1:0")...)...)
+	metrics := regexp.MustCompile(`url=(http://\S+)/debug/vars`).FindStringSubmatch(p.waitLine("metrics listening"))[1]
+	return &fullDisk{proc: p, disk: disk, metrics: metrics}
+}
+
+// inside is the path of a file on the server's disk, as the test sees it.
+func (d *fullDisk) inside(name string) string {
+	return fmt.Sprintf("/proc/%d/root%s/%s", d.cmd.Process.Pid, d.disk, name)
+}
+
+// health returns the status and text of /healthz.
+func (d *fullDisk) health() (int, string) {
+	resp, err := http.Get(d.metrics + "/healthz")
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(body))
+}
+
+// waitHealth polls /healthz until it answers status, and returns its text.
+func (d *fullDisk) waitHealth(status int) string {
+	d.t.Helper()
+	var text string
+	waitUntil(d.t, fmt.Sprintf("/healthz answers %d", status), func() bool {
+		var got int
+		got, text = d.health()
+		return got == status
+	})
+	return text
+}
+
+// reader passes a client's messages to a channel, for a test that waits
+// on other things meanwhile.
+func reader(c *wsClient) <-chan msg {
+	ch := make(chan msg, 64)
+	go func() {
+		defer close(ch)
+		c.raw.SetReadDeadline(time.Time{})
+		for {
+			var data []byte
+			if err := websocket.Message.Receive(c.ws, &data); err != nil {
+				return
+			}
+			var m msg
+			json.Unmarshal(data, &m)
+			ch <- m
+		}
+	}()
+	return ch
+}
+
+// receive returns the next message of type typ from ch, skipping others.
+func receive(t testing.TB, ch <-chan msg, typ string) msg {
+	t.Helper()
+	timeout := time.After(testTimeout)
+	for {
+		select {
+		case m, ok := <-ch:
+			if !ok {
+				t.Fatalf("the connection ended while waiting for a %s", typ)
+			}
+			if m.typ() == typ {
+				return m
+			}
+		case <-timeout:
+			t.Fatalf("no %s within %v", typ, testTimeout)
+		}
+	}
+}
+
+// TestDiskFull runs the server until its journal's disk is full: the
+// client must not see the echo of the message that could not be written;
+// the server stays up, refuses changes with a clear error and reports
+// itself unhealthy, naming the journal; once space is freed it resumes by
+// itself, the waiting echo arrives, and the journal holds every message
+// echoed.
+func TestDiskFull(t *testing.T) {
+	d := startOnSmallDisk(t, 1<<20, `head -c 655360 /dev/zero > "$1/filler"`, "")
+	a, err := dialWS(d.url())
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.send(`{"type": "bind", "appid": "app", "side": "a"}`)
-	c.send(`{"type": "open", "mailbox": "m"}`)
+	a.send(`{"type": "bind", "appid": "app", "side": "a"}`)
+	a.send(`{"type": "open", "mailbox": "m"}`)
+	fromA := reader(a)
 	var echoed []string
-	for n := 0; ; n++ {
+	var waiting string // the message whose echo waits for the disk
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for n := 0; waiting == ""; n++ {
+		if n > 30 {
+			t.Fatalf("%d messages of 30 kB fitted in 384 kB", n)
+		}
 		id := strconv.Itoa(n)
-		if _, err := c.do("message", `{"type": "add", "phase": "%d", "body": %q, "id": %q}`, n, hexBody(id, 30_000), id); err != nil {
-			break
-		}
-		echoed = append(echoed, id)
-		if n > 20 {
-			t.Fatalf("%d messages of 30 kB fitted on a 256 kB disk", n)
+		a.send(`{"type": "add", "phase": "%d", "body": %q, "id": %q}`, n, hexBody(id, 30_000), id)
+		deadline := time.After(testTimeout)
+	answer:
+		for {
+			select {
+			case m, ok := <-fromA:
+				switch {
+				case !ok:
+					t.Fatal("the server ended the connection")
+				case m.typ() == "message" && m.str("id") == id:
+					echoed = append(echoed, id)
+					break answer
+				case m.typ() == "message" || m.typ() == "error":
+					t.Fatalf("message %s answered with %v", id, m)
+				}
+			case <-tick.C: // no echo yet: is the disk full?
+				if status, _ := d.health(); status != http.StatusOK {
+					waiting = id
+					break answer
+				}
+			case <-deadline:
+				t.Fatal("no echo, and the server stayed healthy")
+			}
 		}
 	}
-	err = p.wait()
-	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
-		t.Fatalf("the server exited with %v, want status 1", err)
+	text := d.waitHealth(http.StatusServiceUnavailable)
+	if !strings.Contains(text, "journal "+d.disk+"/channel.jsonl: write: no space left on device") {
+		t.Errorf("/healthz says %q, want the journal's path and the cause", text)
 	}
-	p.waitLine("wormhole-mailbox: journal", "no space left on device")
+	d.waitLine("ERROR", "journal unwritable", d.disk+"/channel.jsonl")
 
-	reg, s, _, err := openTestStore(t, saved)
+	b, err := dialWS(d.url())
 	if err != nil {
-		t.Fatalf("the journal of the full disk does not replay: %v", err)
+		t.Fatal(err)
 	}
-	defer s.close()
-	st := stateOf(reg)
-	var replayed []string
+	b.send(`{"type": "bind", "appid": "app", "side": "b"}`)
+	if m, err := b.do("error", `{"type": "open", "mailbox": "other"}`); err != nil || m.str("error") != string(errCannotSave) {
+		t.Fatalf("a change while the disk is full: %v %v, want the error %q", m, err, errCannotSave)
+	}
+
+	if err := os.Remove(d.inside("filler")); err != nil {
+		t.Fatal(err)
+	}
+	if m := receive(t, fromA, "message"); m.str("id") != waiting {
+		t.Fatalf("after space came back, the client got %v, want the echo of %s", m, waiting)
+	}
+	echoed = append(echoed, waiting)
+	d.waitHealth(http.StatusOK)
+	d.waitLine("journal writable again")
+	if _, err := b.do("message", `{"type": "open", "mailbox": "m"}`); err != nil {
+		t.Fatalf("opening after space came back: %v", err)
+	}
+
+	saved := filepath.Join(t.TempDir(), "saved.jsonl")
+	data, err := os.ReadFile(d.inside("channel.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(saved, data, 0o600)
+	d.signal(syscall.SIGTERM)
+	if err := d.wait(); err != nil {
+		t.Fatalf("the server exited with %v", err)
+	}
+	st := replayed(t, saved)
+	var replayedIDs []string
 	for _, m := range st.Apps["app"].Mailboxes["m"].Messages {
-		replayed = append(replayed, string(m.ID))
+		replayedIDs = append(replayedIDs, string(m.ID))
 	}
 	for i, id := range echoed {
-		if i >= len(replayed) || replayed[i] != strconv.Quote(id) {
-			t.Fatalf("echoed %v, replayed %v", echoed, replayed)
+		if i >= len(replayedIDs) || replayedIDs[i] != strconv.Quote(id) {
+			t.Fatalf("echoed %v, replayed %v", echoed, replayedIDs)
 		}
 	}
-	t.Logf("%d messages echoed before the disk was full", len(echoed))
+	t.Logf("%d messages echoed before the disk was full", len(echoed)-1)
 }
 
 // netns is a private network namespace holding only a loopback
@@ -663,4 +801,67 @@ func TestPythonClientAcrossRestart(t *testing.T) {
 	if n := strings.Count(p2.log(), `\"type\": \"bind\"`); n < 2 {
 		t.Errorf("%d clients bound to the restarted server, want the sender back and the receiver", n)
 	}
+}
+
+// TestStartOnFullDisk starts the server on a journal whose disk is full:
+// replay needs no space, so it starts; the first change waits for room,
+// the server says it is unhealthy, and once space is freed the change is
+// made and answered.
+func TestStartOnFullDisk(t *testing.T) {
+	now := float64(time.Now().Unix())
+	text := journalText(
+		withChecksum(fmt.Sprintf(`{"kind":"mailbox","app":"app","mailbox":"m","updated":%v,"sides":[{"side":"a","added":%v,"opened":true}]}`, now, now)),
+		withChecksum(fmt.Sprintf(`{"kind":"message","app":"app","mailbox":"m","side":"a","phase":"pake","body":"aabb","server_rx":%v,"id":"kept"}`, now)))
+	// A last line that changes nothing fills the file to a whole page, so
+	// that the next line needs a new one, which the full disk cannot give.
+	padLine := func(name string) string {
+		return withChecksum(`{"kind":"nameplate","app":"pad","name":"` + name + `","mailbox":"","deleted":true}`)
+	}
+	pad := padLine(strings.Repeat("x", 8192-len(text)-len(padLine(""))-1))
+	text += pad + "\n"
+	if len(text) != 8192 {
+		t.Fatalf("journal of %d bytes", len(text))
+	}
+	journal := filepath.Join(t.TempDir(), "journal.jsonl")
+	os.WriteFile(journal, []byte(text), 0o600)
+
+	d := startOnSmallDisk(t, 256<<10, `cp "$2" "$1/channel.jsonl" && chmod 600 "$1/channel.jsonl" || exit 98
+cat /dev/zero > "$1/filler" 2>/dev/null`, journal)
+	c, err := dialWS(d.url())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromC := reader(c)
+	c.send(`{"type": "bind", "appid": "app", "side": "b"}`)
+	c.send(`{"type": "open", "mailbox": "m"}`)
+	text = d.waitHealth(http.StatusServiceUnavailable)
+	if !strings.Contains(text, d.disk+"/channel.jsonl") || !strings.Contains(text, "no space left on device") {
+		t.Errorf("/healthz says %q", text)
+	}
+	if err := os.Remove(d.inside("filler")); err != nil {
+		t.Fatal(err)
+	}
+	if m := receive(t, fromC, "message"); m.str("id") != "kept" {
+		t.Fatalf("after space came back, the open was answered with %v", m)
+	}
+	d.waitHealth(http.StatusOK)
+	d.signal(syscall.SIGTERM)
+	if err := d.wait(); err != nil {
+		t.Fatalf("the server exited with %v", err)
+	}
+}
+
+// TestStartupErrorsProcess runs the binary with a journal in a directory
+// that does not exist: it must exit at once with status 1, naming the
+// directory (it used to spin, silent, ignoring SIGTERM).
+func TestStartupErrorsProcess(t *testing.T) {
+	bin := buildServer(t)
+	missing := filepath.Join(t.TempDir(), "no-such-dir")
+	p := startProc(t, serverArgs(bin, missing+"/channel.jsonl")...)
+	err := p.wait()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("the server exited with %v, want status 1", err)
+	}
+	p.waitLine("wormhole-mailbox: journal (--channel-db) "+missing+"/channel.jsonl", "the directory "+missing+" does not exist")
 }

@@ -1,6 +1,6 @@
 // protocol.go owns the mailbox protocol as clients see it: the shape of
 // every message in both directions, the error strings, and the state
-// machine each connection runs (../shared/protocol.md §3, §4). It decides
+// machine each connection runs (PROTOCOL.md §4, §5). It decides
 // what a message means; mailbox.go keeps the state it changes, and conn.go
 // moves the bytes.
 //
@@ -16,12 +16,13 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/netip"
 	"strconv"
 	"strings"
 	"unicode/utf8"
 )
 
-// The reference server's error strings (§4.5), which clients may match.
+// The reference server's error strings (PROTOCOL.md §7.1), which clients may match.
 const (
 	errMissingType      = protocolError("missing 'type'")
 	errMustBind         = protocolError("must bind first")
@@ -52,16 +53,18 @@ const (
 // no limit at all. Clients treat any error as fatal, so each one says what
 // was wrong.
 const (
-	errBadNameplate      = protocolError("'nameplate' must be 1 to 40 digits")
-	errBadClientVersion  = protocolError("'client_version' must be a list of two strings")
-	errNoFreeNameplate   = protocolError("unable to find a free nameplate-id")
-	errTooManyNameplates = protocolError("too many nameplates")
-	errTooManyMailboxes  = protocolError("too many mailboxes")
-	errTooManyMessages   = protocolError("too many messages in this mailbox")
-	errMailboxFull       = protocolError("mailbox is full")
-	errStoreFull         = protocolError("the server holds too many messages, try again later")
-	errRateLimited       = protocolError("too many new nameplates from your address, try again later")
-	errRateLimitedOpen   = protocolError("too many new mailboxes from your address, try again later")
+	errBadNameplate       = protocolError("'nameplate' must be 1 to 40 digits")
+	errBadClientVersion   = protocolError("'client_version' must be a list of two strings")
+	errNoFreeNameplate    = protocolError("unable to find a free nameplate-id")
+	errTooManyNameplates  = protocolError("too many nameplates")
+	errTooManyMailboxes   = protocolError("too many mailboxes")
+	errTooManyMessages    = protocolError("too many messages in this mailbox")
+	errMailboxFull        = protocolError("mailbox is full")
+	errStoreFull          = protocolError("the server holds too many messages, try again later")
+	errRateLimited        = protocolError("too many new nameplates from your address, try again later")
+	errTooManySubscribers = protocolError("this mailbox is open on too many connections for your side")
+	errRateLimitedOpen    = protocolError("too many new mailboxes from your address, try again later")
+	errCannotSave         = protocolError("the server cannot save changes right now, try again later")
 )
 
 // Errors a client finds in its welcome message when it may not stay; the
@@ -79,6 +82,13 @@ const (
 	maxAppIDLen     = 256
 	maxTokenLen     = 64 // side, phase, mood, mailbox id
 	maxNameplateLen = 40 // as the reference since 0.7.0
+
+	// maxIDLen bounds a message's "id" as the server echoes it, in every
+	// ack and in every delivery of an added message. Clients send four
+	// hex digits; re-encoding can make an id three times what came (an
+	// emoji becomes a 12-byte surrogate pair), so the bound is on what is
+	// sent back.
+	maxIDLen = 64
 )
 
 // errNotString and errTooLong name the field at fault.
@@ -327,7 +337,7 @@ type sender interface {
 	release(lsn uint64)
 }
 
-// session is one connection's protocol state (§3). Its fields are guarded
+// session is one connection's protocol state (PROTOCOL.md §4.1). Its fields are guarded
 // by the registry's mutex, since other connections' actions can change them
 // (a deleted mailbox detaches its subscribers).
 type session struct {
@@ -338,22 +348,29 @@ type session struct {
 	bound       bool
 	appID, side string
 	didAllocate bool
+	allocated   string // the nameplate this connection allocated, if didAllocate
 	didClaim    bool
 	claimed     string // the nameplate this connection claimed, if didClaim
+	claimedBox  string // the mailbox its claim returned, if it succeeded
 	didRelease  bool
 	opened      bool     // an open (or close) named a mailbox on this connection
 	mailboxID   string   // that mailbox, if opened
 	mailbox     *mailbox // the mailbox this connection is subscribed to, or nil
 	didClose    bool
+	handling    bool // a message of this session's is being handled (see handle)
 }
 
 // send queues a frame for the client. It must be called with the registry
 // locked, so that frames leave in the order the registry changed.
 func (s *session) send(frame []byte) {
-	s.out.enqueue(frame, s.srv.reg.journal.lastLSN())
+	lsn := s.srv.reg.journal.lastLSN()
+	if s.handling {
+		lsn = 0 // the message's release says what its replies depend on
+	}
+	s.out.enqueue(frame, lsn)
 }
 
-// handle runs one client message: the dispatch order of §4.2. A non-nil
+// handle runs one client message: the dispatch order of PROTOCOL.md §4.2. A non-nil
 // error means the message was not a JSON object, and the connection must
 // be closed.
 func (s *session) handle(raw []byte) error {
@@ -368,15 +385,34 @@ func (s *session) handle(raw []byte) error {
 	// The ack is queued before the changes it acknowledges, so the
 	// frames wait (held) until the handling is done, and then for the
 	// journal to hold what it changed.
+	// A message that neither changes nor shows the registry (a ping, a
+	// bind, a change refused because the journal is unwritable) depends on
+	// no journal line, so its replies reach the client while the journal
+	// waits for the disk.
 	s.out.hold()
-	defer func() { s.out.release(reg.journal.lastLSN()) }() // before the unlock: deferred calls run last first
+	s.handling = true
+	showsNothing := false
+	defer func() { // before the unlock: deferred calls run last first
+		s.handling = false
+		lsn := reg.journal.lastLSN()
+		if showsNothing {
+			lsn = 0
+		}
+		s.out.release(lsn)
+	}()
 	if !msg.has("type") {
 		s.fail(errMissingType, msg)
 		return nil
 	}
 	id, _ := msg.get("id")
+	if echoedLen(id) > maxIDLen {
+		s.fail(errTooLong("id"), msg) // not acknowledged: the ack would echo it
+		return nil
+	}
 	s.send(ackFrame(id))
-	if err := s.dispatchLocked(msg, now); err != nil {
+	err = s.dispatchLocked(msg, now)
+	showsNothing = msg.typ() == "ping" || msg.typ() == "bind" || errors.Is(err, errCannotSave)
+	if err != nil {
 		var pe protocolError
 		if !errors.As(err, &pe) {
 			return err
@@ -401,6 +437,12 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	}
 	if !s.bound {
 		return errMustBind
+	}
+	switch typ {
+	case "allocate", "claim", "release", "open", "add", "close":
+		if !s.srv.reg.journal.writable() {
+			return errCannotSave
+		}
 	}
 	switch typ {
 	case "list":
@@ -461,14 +503,14 @@ func (s *session) allocate(now float64) error {
 	if s.didAllocate {
 		return errGreedy
 	}
-	if !s.srv.limiter.allowNewNameplate(s.addr.ip) {
-		return errRateLimited
+	if err := s.admitLocked(holdings{nameplates: 1, mailboxes: 1}, errRateLimited); err != nil {
+		return err
 	}
-	name, err := s.srv.reg.allocateLocked(s.appID, s.side, now)
+	name, err := s.srv.reg.allocateLocked(s.appID, s.side, s.holder(), now)
 	if err != nil {
 		return err
 	}
-	s.didAllocate = true
+	s.didAllocate, s.allocated = true, name
 	s.send(allocatedFrame(name))
 	return nil
 }
@@ -484,14 +526,22 @@ func (s *session) claim(msg clientMessage, now float64) error {
 	if err != nil || !validNameplate(name) {
 		return errBadNameplate
 	}
-	if !s.srv.reg.nameplateExistsLocked(s.appID, name) && !s.srv.limiter.allowNewNameplate(s.addr.ip) {
-		return errRateLimited
+	// Every claim is admitted or refused before anything looks at the
+	// nameplate, so a refusal is the same whether it exists or not, and
+	// cannot be used to find the waiting ones. Only the nameplate this
+	// connection allocated is already paid for, while its side is on it.
+	reg := s.srv.reg
+	if !s.didAllocate || name != s.allocated || !reg.nameplateHasSideLocked(s.appID, name, s.side) {
+		if err := s.admitLocked(holdings{nameplates: 1, mailboxes: 1}, errRateLimited); err != nil {
+			return err
+		}
 	}
 	s.didClaim, s.claimed = true, name
-	id, err := s.srv.reg.claimLocked(s.appID, name, s.side, now)
+	id, err := reg.claimLocked(s.appID, name, s.side, s.holder(), now)
 	if err != nil {
 		return err
 	}
+	s.claimedBox = id
 	s.send(claimedFrame(id))
 	return nil
 }
@@ -530,13 +580,23 @@ func (s *session) open(msg clientMessage, now float64) error {
 	if err != nil {
 		return err
 	}
+	// As for claims, every open costs the same whether the mailbox exists
+	// or not (a new mailbox costs as much as a new nameplate); the one
+	// this connection's claim returned is already paid for, while its
+	// side is on it.
 	reg := s.srv.reg
-	if !reg.mailboxExistsLocked(s.appID, id) && !s.srv.limiter.allowNewNameplate(s.addr.ip) {
-		return errRateLimitedOpen // a new mailbox costs as much as a new nameplate
+	if s.claimedBox == "" || id != s.claimedBox || !reg.mailboxHasSideLocked(s.appID, id, s.side) {
+		if err := s.admitLocked(holdings{mailboxes: 1}, errRateLimitedOpen); err != nil {
+			return err
+		}
+	}
+	if reg.subscribersOfSideLocked(s.appID, id, s.side) >= maxSubscribersPerSide {
+		reg.metrics.refused("subscribers per side")
+		return errTooManySubscribers
 	}
 	s.opened, s.mailboxID = true, id
 	a := reg.appLocked(s.appID)
-	mb, err := reg.openLocked(a, id, s.side, now)
+	mb, err := reg.openLocked(a, id, s.side, s.holder(), now)
 	if err != nil {
 		reg.dropIfEmptyLocked(a)
 		return err
@@ -567,7 +627,7 @@ func (s *session) add(msg clientMessage, now float64) error {
 	if id == nil {
 		id = jsonNull
 	}
-	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id})
+	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id}, s.holder())
 }
 
 func (s *session) close(msg clientMessage, now float64) error {
@@ -598,8 +658,8 @@ func (s *session) close(msg clientMessage, now float64) error {
 	a := reg.appLocked(s.appID)
 	if s.mailbox == nil && a.mailboxes[id] != nil {
 		// Closing without having the mailbox open opens it first, as the
-		// reference does, so a third side is refused here too (§4.4).
-		if _, err := reg.openLocked(a, id, s.side, now); err != nil {
+		// reference does, so a third side is refused here too (PROTOCOL.md §5.9).
+		if _, err := reg.openLocked(a, id, s.side, s.holder(), now); err != nil {
 			return err
 		}
 	}
@@ -614,8 +674,26 @@ func (s *session) close(msg clientMessage, now float64) error {
 	return nil
 }
 
+// holder is the address what this connection's side takes is charged to.
+func (s *session) holder() netip.Addr { return addrKey(s.addr.ip) }
+
+// admitLocked decides whether the connection may take more channel
+// state: want must fit in what its address may hold (quota.go), and the
+// address's allowance of new channels (limiter in conn.go) must have room
+// for one more, else the refusal is rateErr.
+func (s *session) admitLocked(want holdings, rateErr protocolError) error {
+	if err := s.srv.reg.roomForAddrLocked(s.holder(), want); err != nil {
+		return err
+	}
+	if !s.srv.limiter.allowNewNameplate(s.addr.ip) {
+		s.srv.metrics.refused("new nameplates per address")
+		return rateErr
+	}
+	return nil
+}
+
 // disconnected forgets the connection's subscription. Its claims and open
-// mailboxes stay: the client may reconnect and carry on (§3 rule 11).
+// mailboxes stay: the client may reconnect and carry on (PROTOCOL.md §4.1 rule 7).
 func (s *session) disconnected() {
 	reg := s.srv.reg
 	reg.mu.Lock()
@@ -881,13 +959,21 @@ func appendPyJSON(b, v []byte, depth int) []byte {
 		return append(b, v...)
 	}
 	f, err := strconv.ParseFloat(string(v), 64)
-	switch {
-	case err != nil && math.IsInf(f, 1):
-		return append(b, "Infinity"...)
-	case err != nil && math.IsInf(f, -1):
-		return append(b, "-Infinity"...)
+	if err != nil && math.IsInf(f, 0) {
+		// Python reads it as infinity and writes Infinity, which is not
+		// JSON; the number as it came is, and reads back the same.
+		return append(b, v...)
 	}
 	return appendPyFloat(b, f)
+}
+
+// echoedLen is the length of v as appendPyJSON writes it, 0 for none.
+func echoedLen(v json.RawMessage) int {
+	if v == nil {
+		return 0
+	}
+	var buf [64]byte // room for a usual id, which is then measured without allocating
+	return len(appendPyJSON(buf[:0], v, 0))
 }
 
 // isPlainString reports whether the JSON string literal v is printable

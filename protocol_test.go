@@ -6,6 +6,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"regexp"
 	"slices"
 	"strconv"
@@ -158,7 +159,7 @@ func TestAllocationOrder(t *testing.T) {
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
 	for i := range 1000 {
-		name, err := reg.allocateLocked("app", fmt.Sprintf("side%d", i), 1)
+		name, err := reg.allocateLocked("app", fmt.Sprintf("side%d", i), netip.Addr{}, 1)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -594,6 +594,34 @@ func TestHealthcheck(t *testing.T) {
 	if err := run(context.Background(), []string{"healthcheck"}, io.Discard, io.Discard); err == nil {
 		t.Error("healthcheck without a URL succeeded")
 	}
+	// A bare HOST:PORT, as given to --metrics-listen, means its /healthz.
+	stdout.Reset()
+	if err := run(context.Background(), []string{"healthcheck", strings.TrimPrefix(base, "http://")}, &stdout, io.Discard); err != nil || stdout.String() != "ok\n" {
+		t.Errorf("healthcheck of HOST:PORT: %v, printed %q; want ok", err, stdout.String())
+	}
+}
+
+// TestCommandLineRefusals checks that a command line the server cannot
+// take is refused with a message that says what is wrong, not only the
+// usage.
+func TestCommandLineRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"extra-arg"}, `unexpected argument "extra-arg": the server takes only flags`},
+		{[]string{"--websocket-protocol-option", "autoPingInterval=60"}, "--websocket-protocol-option is not supported"},
+		{[]string{"--fsync", "sometimes"}, "--fsync must be always or never"},
+	} {
+		var stderr bytes.Buffer
+		err := run(context.Background(), tc.args, io.Discard, &stderr)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("run %q: %v, want an error saying %q", tc.args, err, tc.want)
+		}
+		if strings.Contains(stderr.String(), "Usage:") {
+			t.Errorf("run %q printed the whole usage instead of just the error:\n%s", tc.args, stderr.String())
+		}
+	}
 }
 
 // netnsEnv marks a test process re-run inside a private network namespace.
@@ -752,5 +780,25 @@ func TestLoadInterrupted(t *testing.T) {
 	err := run(ctx, []string{"load", "--url", ts.url, "--idle", "3", "--pairs", "0", "--sources", "0"}, &out, &out)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("load interrupted: %v, want %v", err, context.Canceled)
+	}
+}
+
+// TestStartLogsRestored checks that the server says at start what it
+// restored from its journal.
+func TestStartLogsRestored(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "relay.jsonl")
+	ts := startServer(t, cfg)
+	c, _ := ts.dial(t)
+	c.bind("app", "a")
+	mb := c.expect(`{"type": "claim", "nameplate": "7"}`, "claimed")[0].str("mailbox")
+	c.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb))
+	c.expect(`{"type": "add", "phase": "pake", "body": "aa"}`, "message")
+	ts.stop()
+
+	s := startRun(t, "--channel-db="+cfg.channelDB)
+	line := s.log.waitFor(t, "restored channels")
+	if !strings.Contains(line, "nameplates=1 mailboxes=1 messages=1 file="+cfg.channelDB) {
+		t.Errorf("start-up says %q, want the one nameplate, mailbox and message and the file", line)
 	}
 }

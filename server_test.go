@@ -39,7 +39,9 @@ type testServer struct {
 // testConfig is the configuration tests start from: state in memory,
 // default limits, no per-address limits (tests connect from one address).
 func testConfig() config {
-	return config{channelDB: ":memory:", fsync: true, blurUsage: -1, allowList: true, limits: defaultLimits,
+	l := defaultLimits
+	l.MaxNameplatesPerAddr, l.MaxMailboxesPerAddr, l.MaxStoredBytesPerAddr = 0, 0, 0
+	return config{channelDB: ":memory:", fsync: true, blurUsage: -1, allowList: true, limits: l,
 		maxMessageBytes: maxMessageBytes, logFormat: "text", pruneInterval: pruneInterval, channelExpiry: channelExpiry}
 }
 
@@ -61,7 +63,10 @@ func startServerWith(t testing.TB, cfg config, log *slog.Logger, adjust func(*se
 	if adjust != nil {
 		adjust(srv)
 	}
-	hs := httptest.NewServer(srv.handler())
+	hs := httptest.NewUnstartedServer(nil) // the server's own HTTP settings, on its gated listener
+	hs.Config = srv.httpServer(log)
+	hs.Listener = gatedListener{hs.Listener, srv.gate}
+	hs.Start()
 	ts := &testServer{server: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/v1", cfg: cfg}
 	t.Cleanup(ts.stop)
 	return ts
@@ -466,8 +471,9 @@ func TestPyEcho(t *testing.T) {
 		{`1.5e300`, `1.5e+300`},
 		{`100000000000000000000.0`, `1e+20`},
 		{`3.141592653589793238`, `3.141592653589793`},
-		{`1e400`, `Infinity`},
-		{`-1e400`, `-Infinity`},
+		{`1e400`, `1e400`}, // Python writes Infinity, which is not JSON (a deliberate difference)
+		{`-1e400`, `-1e400`},
+		{`[1e999999]`, `[1e999999]`},
 		{`true`, `true`},
 		{`null`, `null`},
 	} {

@@ -99,6 +99,9 @@ example a rotated, compressed log through zcat).
 	if err != nil {
 		return fmt.Errorf("stats: reading %s: %w", *path, err)
 	}
+	if sum.Lines > 0 && sum.Malformed == sum.Lines {
+		return fmt.Errorf("stats: %s is not a usage log: none of its %d lines is a usage record (the server writes them with --usage-db)", *path, sum.Lines)
+	}
 	sum.File = *path
 	if *asJSON {
 		out, err := json.MarshalIndent(sum, "", "  ")

@@ -225,8 +225,13 @@ func TestStatsSince(t *testing.T) {
 	}
 }
 
-// TestStatsUsage checks the command's refusals.
+// TestStatsUsage checks the command's refusals, among them a file that
+// holds no usage record at all (a journal given by mistake, say).
 func TestStatsUsage(t *testing.T) {
+	notUsage := filepath.Join(t.TempDir(), "relay.jsonl")
+	if err := os.WriteFile(notUsage, []byte(`{"nameplate": "1"}`+"\n"+`{"mailbox": "x"}`+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -236,6 +241,7 @@ func TestStatsUsage(t *testing.T) {
 		{[]string{"--usage-db", "x", "--since", "yesterday"}, "--since"},
 		{[]string{"--usage-db", "x", "--since", "-1h"}, "negative"},
 		{[]string{"--usage-db", "x", "extra"}, "unexpected argument"},
+		{[]string{"--usage-db", notUsage}, "is not a usage log"},
 	} {
 		var out, errOut bytes.Buffer
 		err := run(context.Background(), append([]string{"stats"}, tc.args...), &out, &errOut)

@@ -15,16 +15,28 @@
 //
 // When most of the file is dead, the writer rewrites it with the live
 // state only, beside the old one, and renames it into place. If that
-// cannot be done the old file is kept and grows; if a write or fsync of
-// the journal fails, the journal stops: nothing more is made durable, no
-// frame that depends on it is sent, and the server is told to stop.
+// cannot be done the old file is kept and grows.
+//
+// If a write or fsync of the journal fails (the disk is full, say), the
+// journal is unwritable: nothing more is made durable, no frame that
+// depends on it is sent, the protocol refuses changes (see writable), and
+// the health check fails. What the file holds after a failed write or
+// fsync is uncertain, so it is never appended to again: every
+// journalRetryInterval the writer rewrites the live state to a new file,
+// as a compaction does, and once that succeeds the journal is writable
+// again and the replies that waited are sent.
+//
+// Each line ends with a checksum of itself (see crcTag), so that a line
+// damaged on the disk is found at replay rather than believed.
 package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -37,6 +49,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Compaction rewrites the journal with the live state only once the file
@@ -54,6 +67,12 @@ const (
 // journal, followed by random characters. One left by a crash in the
 // middle of a compaction is removed at the next start.
 const compactSuffix = ".compact-"
+
+// journalRetryInterval is how often an unwritable journal is tried again
+// (by rewriting the live state to a new file): often enough that service
+// comes back within a second or two of space coming back, and each try
+// costs one snapshot, as a compaction does.
+const journalRetryInterval = time.Second
 
 // maxSpareBuffer is the largest write buffer the writer keeps for reuse;
 // a larger one, left by a burst, is returned to the garbage collector.
@@ -108,20 +127,21 @@ type store struct {
 	// snapshot returns the live state as journal lines with the LSN they
 	// cover, and takes the lines not yet written, which it includes.
 	snapshot func() (data []byte, lsn uint64, taken []byte)
-	// onFail is told when the journal fails; the server then stops.
-	onFail func(error)
 
-	appended atomic.Uint64 // LSN of the last line appended
-	durable  atomic.Uint64 // LSN of the last line on disk
+	appended   atomic.Uint64 // LSN of the last line appended
+	durable    atomic.Uint64 // LSN of the last line on disk
+	unwritable atomic.Bool   // failing is set: see writable
 
 	mu       sync.Mutex
 	wake     sync.Cond // the writer waits here for lines
-	advanced sync.Cond // connections wait here for durable to advance
+	advanced sync.Cond // connections wait here for durable to advance, or a retry
 	pending  []byte    // lines appended and not yet written
 	spare    []byte
-	failed   error // set when a write fails; nothing is durable after it
-	closing  bool  // close has begun: the writer writes what is pending and exits
-	closed   bool  // the writer has exited: nothing appended from now on is written
+	failing  error         // why the journal is unwritable; nil when it is not
+	failedAt time.Time     // when it became unwritable
+	closing  bool          // close has begun: the writer writes what is pending and exits
+	stop     chan struct{} // closed when close begins, to end a wait between retries
+	closed   bool          // the writer has exited: nothing appended from now on is written
 
 	f         *os.File // open, locked, positioned at its end; used by the writer only
 	size      int64    // bytes in f
@@ -135,10 +155,12 @@ var errJournalClosed = errors.New("journal closed")
 
 // openStore opens (or creates) the journal at path, locks it against a
 // second server, replays it into reg, and starts the writer. A torn last
-// line, left by a crash in the middle of a write, is dropped; any other
-// unreadable line is an error naming the file and line, and the file is
-// left as it is. onFail is told if the journal later fails.
-func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metrics, onFail func(error)) (*store, error) {
+// line, left by a crash in the middle of a write, is dropped, and so is a
+// last line whose checksum fails; any other unreadable line is an error
+// naming the file and line, and the file is left as it is. Replay stops
+// if ctx ends. Nothing here needs free space: on a full disk the journal
+// opens unwritable (see writable) and is retried.
+func openStore(ctx context.Context, path string, fsync bool, reg *registry, log *slog.Logger, m *metrics) (*store, error) {
 	if err := notSQLite(path, "--channel-db"); err != nil {
 		return nil, err
 	}
@@ -148,7 +170,7 @@ func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metr
 	}
 	fail := func(err error) (*store, error) {
 		f.Close()
-		return nil, err
+		return nil, journalError(path, err)
 	}
 	dir := filepath.Dir(path)
 	if created { // a new file's name is durable only once its directory is synced
@@ -156,19 +178,23 @@ func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metr
 			return fail(err)
 		}
 	}
-	if err := removeCompactionLeftovers(path, log); err != nil {
-		return fail(err)
-	}
-	good, err := replay(f, path, reg)
+	full, err := removeCompactionLeftovers(path, log)
 	if err != nil {
-		return fail(err)
+		return nil, errors.Join(err, f.Close())
+	}
+	good, torn, err := replay(ctx, f, path, reg)
+	if err != nil {
+		return nil, errors.Join(err, f.Close())
 	}
 	end, err := f.Seek(0, io.SeekEnd)
 	if err != nil {
 		return fail(err)
 	}
 	if end != good {
-		log.Warn("dropping torn last line of the journal", "file", path, "bytes", end-good)
+		if torn == nil {
+			torn = errors.New("no newline at the end")
+		}
+		log.Warn("dropping torn last line of the journal", "file", path, "bytes", end-good, "why", torn.Error())
 		if err := f.Truncate(good); err != nil {
 			return fail(err)
 		}
@@ -176,12 +202,31 @@ func openStore(path string, fsync bool, reg *registry, log *slog.Logger, m *metr
 	if _, err := f.Seek(good, io.SeekStart); err != nil {
 		return fail(err)
 	}
-	s := &store{path: path, fsync: fsync, log: log, m: m, onFail: onFail, f: f, size: good,
-		compactAt: compactMinBytes, done: make(chan struct{})}
+	s := &store{path: path, fsync: fsync, log: log, m: m, f: f, size: good,
+		compactAt: compactMinBytes, stop: make(chan struct{}), done: make(chan struct{})}
 	s.wake.L, s.advanced.L = &s.mu, &s.mu
 	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
+	if full != nil {
+		s.failLocked(full)
+	}
 	go s.run()
 	return s, nil
+}
+
+// journalError names the journal's own path in err, in place of the path
+// of whichever file (a compaction's) the failed call used.
+func journalError(path string, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = fmt.Errorf("%s: %w", pe.Op, pe.Err)
+	}
+	return fmt.Errorf("journal %s: %w", path, err)
+}
+
+// isDiskFull reports whether err says the file system, or the user's
+// quota on it, is full.
+func isDiskFull(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
 }
 
 // openJournal opens the journal file, creating it if it does not exist,
@@ -195,11 +240,18 @@ func openJournal(path string) (f *os.File, created bool, err error) {
 		created = err == nil
 		if errors.Is(err, fs.ErrExist) {
 			f, err = os.OpenFile(path, os.O_RDWR, 0o600)
-		}
-		if errors.Is(err, fs.ErrNotExist) {
-			continue // removed between the two opens
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // removed between the two opens
+			}
 		}
 		if err != nil {
+			return nil, false, startupError("journal (--channel-db)", path, err)
+		}
+		if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+			f.Close()
+			if err == nil {
+				err = fmt.Errorf("journal (--channel-db) %s is not a regular file (%s)", path, fi.Mode().Type())
+			}
 			return nil, false, err
 		}
 		if err := lockFile(f); err != nil {
@@ -224,6 +276,22 @@ func openJournal(path string) (f *os.File, created bool, err error) {
 	}
 }
 
+// startupError says why a file named on the command line cannot be
+// opened, naming it and, if that is the trouble, its missing directory.
+func startupError(what, path string, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		dir := filepath.Dir(path)
+		if _, derr := os.Stat(dir); derr != nil {
+			return fmt.Errorf("%s %s: the directory %s does not exist", what, path, dir)
+		}
+	}
+	return fmt.Errorf("%s %s: %w", what, path, err)
+}
+
 // sqliteHeader starts every SQLite database file, the format of the
 // reference server's --channel-db and --usage-db.
 const sqliteHeader = "SQLite format 3\x00"
@@ -242,7 +310,11 @@ func notSQLite(path, flag string) error {
 	defer f.Close()
 	head := make([]byte, len(sqliteHeader))
 	if n, _ := io.ReadFull(f, head); n == len(head) && string(head) == sqliteHeader {
-		return fmt.Errorf("%s is an SQLite database, as the reference server writes; this server keeps %s in JSON lines: give it a new file (nothing needs moving: channels live minutes)", path, flag)
+		why := "channels live minutes"
+		if flag == "--usage-db" {
+			why = "keep the old database to read with the reference's tools"
+		}
+		return fmt.Errorf("%s is an SQLite database, as the reference server writes; this server keeps %s in JSON lines: give it a new file (nothing needs moving: %s)", path, flag, why)
 	}
 	return nil
 }
@@ -257,27 +329,31 @@ func lockFile(f *os.File) error {
 // that a crash interrupted (they were never renamed, so they hold nothing
 // the journal needs), and checks that a new file can be made beside the
 // journal, as compaction must: better to refuse to start than to find out
-// when the journal has grown.
-func removeCompactionLeftovers(path string, log *slog.Logger) error {
+// when the journal has grown. A full disk is no reason not to start: it
+// is returned as full, and the journal starts unwritable.
+func removeCompactionLeftovers(path string, log *slog.Logger) (full, err error) {
 	dir, prefix := filepath.Dir(path), filepath.Base(path)+compactSuffix
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return err
+		return nil, journalError(path, err)
 	}
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), prefix) && e.Type().IsRegular() {
 			log.Warn("removing the file of an interrupted journal compaction", "file", filepath.Join(dir, e.Name()))
 			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
-				return err
+				return nil, journalError(path, err)
 			}
 		}
 	}
 	probe, err := os.CreateTemp(dir, prefix+"*")
+	if isDiskFull(err) {
+		return journalError(path, err), nil
+	}
 	if err != nil {
-		return fmt.Errorf("journal %s: compaction needs to create files in %s: %w", path, dir, err)
+		return nil, fmt.Errorf("journal %s: compaction needs to create files in %s: %w", path, dir, errors.Unwrap(err))
 	}
 	probe.Close()
-	return os.Remove(probe.Name())
+	return nil, os.Remove(probe.Name())
 }
 
 // replayChunkBytes is how much of the journal is decoded as one piece:
@@ -291,29 +367,38 @@ type replayChunk struct {
 	data      []byte // whole lines, each ending with a newline
 	recs      []record
 	err       error // why line firstLine+len(recs) could not be decoded
+	errAt     int   // where in data that line starts
 	decoded   chan struct{}
 }
 
 // decode decodes the chunk's lines, up to the first that fails.
 func (c *replayChunk) decode() {
 	defer close(c.decoded)
-	for data := c.data; len(data) > 0; {
-		i := bytes.IndexByte(data, '\n') + 1
+	for off := 0; off < len(c.data); {
+		line := c.data[off : off+bytes.IndexByte(c.data[off:], '\n')+1]
 		var rec record
-		if c.err = json.Unmarshal(data[:i], &rec); c.err != nil {
+		if c.err = checkLine(line); c.err == nil {
+			c.err = json.Unmarshal(line, &rec)
+		}
+		if c.err != nil {
+			c.errAt = off
 			return
 		}
 		c.recs = append(c.recs, rec)
-		data = data[i:]
+		off += len(line)
 	}
 }
 
 // replay applies every whole line of the journal to reg and returns the
-// offset after the last whole line; anything after it is a torn write.
+// offset after the last good line; anything after it is a torn write. A
+// last line that cannot be decoded (or whose checksum fails) is taken for
+// a torn write too, and torn says what was wrong with it; such a line
+// anywhere else is an error. Replay stops, with an error, when ctx ends.
+//
 // Decoding the JSON is most of the work, so it is spread over the CPUs:
 // the file is read in chunks of whole lines, decoded at once, and applied
 // in order, so that the first bad line is the one reported.
-func replay(f *os.File, path string, reg *registry) (int64, error) {
+func replay(ctx context.Context, f *os.File, path string, reg *registry) (good int64, torn, err error) {
 	todo := make(chan *replayChunk)                             // to the decoders
 	inOrder := make(chan *replayChunk, 2*runtime.GOMAXPROCS(0)) // to the applier, below
 	stop := make(chan struct{})
@@ -370,21 +455,88 @@ func replay(f *os.File, path string, reg *registry) (int64, error) {
 	defer reg.mu.Unlock()
 	var offset int64
 	for c := range inOrder {
+		if torn != nil { // the bad line was not the last
+			return 0, nil, torn
+		}
+		if err := ctx.Err(); err != nil {
+			return 0, nil, fmt.Errorf("replay of the journal %s stopped at line %d: %w", path, c.firstLine, err)
+		}
 		<-c.decoded
 		for i := range c.recs {
 			if err := reg.restoreLocked(&c.recs[i]); err != nil {
-				return 0, fmt.Errorf("%s:%d: %v", path, c.firstLine+i, err)
+				return 0, nil, fmt.Errorf("%s:%d: %v", path, c.firstLine+i, err)
 			}
 		}
 		if c.err != nil {
-			return 0, fmt.Errorf("%s:%d: %v", path, c.firstLine+len(c.recs), c.err)
+			torn = fmt.Errorf("%s:%d: %v", path, c.firstLine+len(c.recs), c.err)
+			if bytes.IndexByte(c.data[c.errAt:], '\n')+1 != len(c.data)-c.errAt {
+				return 0, nil, torn // not the chunk's last line
+			}
+			offset += int64(c.errAt)
+			continue
 		}
 		offset += int64(len(c.data))
 	}
 	if readErr != nil {
-		return 0, readErr
+		return 0, nil, journalError(path, readErr)
 	}
-	return offset, nil
+	return offset, torn, nil
+}
+
+// Every journal line ends with its checksum: crcTag, then the CRC-32C of
+// the line's bytes before the tag in eight lowercase hex digits, then
+// `"}` and the newline. The line stays one JSON object (the field is
+// "crc", which replay's decoding ignores), readable as before.
+const (
+	crcTag     = `,"crc":"`
+	crcTailLen = len(crcTag) + 8 + len("\"}\n")
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// appendChecksum ends the line that starts at b[start:] (its fields
+// written, its closing brace not) with its checksum.
+func appendChecksum(b []byte, start int) []byte {
+	sum := crc32.Checksum(b[start:], castagnoli)
+	return append(appendHex32(append(b, crcTag...), sum), "\"}\n"...)
+}
+
+// appendHex32 appends v as eight lowercase hex digits.
+func appendHex32(b []byte, v uint32) []byte {
+	const hex = "0123456789abcdef"
+	for shift := 28; shift >= 0; shift -= 4 {
+		b = append(b, hex[v>>shift&15])
+	}
+	return b
+}
+
+// checkLine checks a line's checksum. A line without one was written
+// before the journal had checksums, and passes. So that a byte flipped in
+// the tag itself does not make a line pass for one of those, a tail that
+// differs from the tag by a single byte counts as a damaged checksum.
+func checkLine(line []byte) error {
+	if len(line) < crcTailLen {
+		return nil
+	}
+	body, tail := line[:len(line)-crcTailLen], line[len(line)-crcTailLen:]
+	tag, digits := tail[:len(crcTag)], tail[len(crcTag):len(crcTag)+8]
+	differ := 0
+	for i := range tag {
+		if tag[i] != crcTag[i] {
+			differ++
+		}
+	}
+	if differ > 1 || string(tail[len(tail)-3:]) != "\"}\n" {
+		return nil // a line of an older journal
+	}
+	if differ != 0 {
+		return errors.New("the checksum's tag is damaged")
+	}
+	var want [8]byte
+	if appendHex32(want[:0], crc32.Checksum(body, castagnoli)); string(want[:]) != string(digits) {
+		return fmt.Errorf("checksum %s does not match the line's (%s)", digits, want[:])
+	}
+	return nil
 }
 
 // appendLine appends the record as one journal line: JSON with the
@@ -393,8 +545,10 @@ func replay(f *os.File, path string, reg *registry) (int64, error) {
 // change, with the registry locked). Strings are escaped only where JSON
 // requires it, so a message's id (raw JSON, kept compact by the registry)
 // is written byte for byte, and a message replayed after a restart is
-// the same as when it was first delivered.
+// the same as when it was first delivered. The line ends with its
+// checksum (see crcTag).
 func (rec *record) appendLine(b []byte) []byte {
+	start := len(b)
 	b = appendJSONString(append(b, `{"kind":`...), rec.Kind)
 	b = appendJSONString(append(b, `,"app":`...), rec.App)
 	if rec.Name != "" {
@@ -446,7 +600,7 @@ func (rec *record) appendLine(b []byte) []byte {
 	if len(rec.ID) > 0 {
 		b = append(append(b, `,"id":`...), rec.ID...)
 	}
-	return append(b, "}\n"...)
+	return appendChecksum(b, start)
 }
 
 // appendJSONString appends s as a JSON string, escaping only what JSON
@@ -511,35 +665,55 @@ func (s *store) append(rec *record) {
 	s.wake.Signal()
 }
 
+// writable reports whether the journal takes changes: false from a failed
+// write or fsync until a retry has succeeded. The protocol refuses changes
+// meanwhile (their replies would wait for the retry), and the health
+// check fails. It is called with the registry locked, and takes no lock.
+func (s *store) writable() bool {
+	return s == nil || !s.unwritable.Load()
+}
+
 // waitDurable blocks until every line up to lsn is on disk. It returns an
-// error instead if the journal has failed, or was closed, before then.
-func (s *store) waitDurable(lsn uint64) error {
+// error instead if the journal was closed before then, or if the journal
+// is unwritable and abandon (if not nil) reports true. abandon is asked
+// whenever the writer has tried the journal again, with the journal's
+// mutex held, so it must not take a lock that is held around an append:
+// a connection's reports whether it is closing, so that a client that
+// left, or a shutdown, does not wait for the disk.
+func (s *store) waitDurable(lsn uint64, abandon func() bool) error {
 	if s == nil || s.durable.Load() >= lsn {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.durable.Load() < lsn && s.failed == nil && !s.closed {
+	for s.durable.Load() < lsn && !s.closed {
+		if s.failing != nil && abandon != nil && abandon() {
+			return s.failing
+		}
 		s.advanced.Wait()
 	}
-	switch {
-	case s.durable.Load() >= lsn:
+	if s.durable.Load() >= lsn {
 		return nil
-	case s.failed != nil:
-		return s.failed
 	}
 	return errJournalClosed
 }
 
 // run is the writer goroutine: it writes what is pending, in batches, and
-// compacts the file when it has grown enough. It exits when the journal is
-// closed, or fails.
+// compacts the file when it has grown enough; while the journal is
+// unwritable it retries. It exits when the journal is closed.
 func (s *store) run() {
 	defer close(s.done)
 	for {
 		s.mu.Lock()
-		for len(s.pending) == 0 && !s.closing {
+		for len(s.pending) == 0 && !s.closing && s.failing == nil {
 			s.wake.Wait()
+		}
+		if s.failing != nil {
+			s.mu.Unlock()
+			if !s.retry() {
+				return // closing, and the journal is still unwritable
+			}
+			continue
 		}
 		if len(s.pending) == 0 {
 			s.mu.Unlock()
@@ -559,17 +733,11 @@ func (s *store) run() {
 		}
 		s.finishLocked(lsn, err)
 		s.mu.Unlock()
-		if err != nil {
-			return
-		}
-		if s.size >= s.compactAt {
+		if err == nil && s.size >= s.compactAt {
 			lsn, err := s.compact()
 			s.mu.Lock()
 			s.finishLocked(lsn, err)
 			s.mu.Unlock()
-			if err != nil {
-				return
-			}
 		}
 	}
 }
@@ -577,15 +745,64 @@ func (s *store) run() {
 // finishLocked records the outcome of a write and wakes the waiters.
 func (s *store) finishLocked(lsn uint64, err error) {
 	if err != nil {
-		s.failed = fmt.Errorf("journal %s: %w", s.path, err)
-		s.log.Error("journal write failed; nothing more can be made durable", "err", err)
-		if s.onFail != nil {
-			s.onFail(s.failed)
-		}
+		s.failLocked(err)
 	} else if lsn > s.durable.Load() {
 		s.durable.Store(lsn)
 	}
 	s.advanced.Broadcast()
+}
+
+// failLocked makes the journal unwritable, for the reason err. Whatever
+// was not yet durable stays in the registry, and a retry's snapshot
+// writes it.
+func (s *store) failLocked(err error) {
+	s.m.journalFailures.Add(1)
+	err = journalError(s.path, err)
+	if s.failing == nil {
+		s.failedAt = time.Now()
+		s.log.Error("journal unwritable; changes are refused until it can be written again", "err", err)
+	}
+	s.failing = err
+	s.unwritable.Store(true)
+}
+
+// retry waits journalRetryInterval (or until close begins), then tries to
+// make the unwritable journal writable again: after a failed write or
+// fsync nobody knows what the file holds, so the live state is written to
+// a new file that replaces it, as a compaction does. The snapshot includes
+// the lines not yet written (and takes them). retry reports false if close
+// has begun and the journal is still unwritable.
+func (s *store) retry() bool {
+	closing := false
+	select {
+	case <-time.After(journalRetryInterval):
+	case <-s.stop:
+		closing = true
+	}
+	data, lsn, _ := s.snapshot()
+	_, err := s.replace(data)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.advanced.Broadcast() // waiters that may give up ask again
+	if err != nil {
+		s.m.journalFailures.Add(1)
+		if err = journalError(s.path, err); err.Error() != s.failing.Error() {
+			s.log.Error("journal still unwritable", "err", err)
+		}
+		s.failing = err
+		return !closing
+	}
+	s.size = int64(len(data))
+	s.compactAt = max(compactMinBytes, compactFactor*s.size)
+	s.m.compactions.Add(1)
+	s.log.Info("journal writable again", "file", s.path, "bytes", len(data),
+		"unwritable_for", time.Since(s.failedAt).Round(time.Millisecond))
+	s.failing = nil
+	s.unwritable.Store(false)
+	if lsn > s.durable.Load() {
+		s.durable.Store(lsn)
+	}
+	return true
 }
 
 // write appends a batch of lines and makes it durable.
@@ -607,12 +824,12 @@ func (s *store) write(batch []byte) error {
 //
 // The snapshot of the live state includes the lines appended but not yet
 // written, and takes them: they are not written to the old file. If the
-// new file cannot be made (the directory is full, say), the old one stays
-// in use, those lines are written to it after all, and compaction is next
-// tried when the file has doubled. Once the new file has replaced the old
-// one, a failure to make that replacement durable fails the journal: the
-// new file holds lines the old one lacks, and a crash could bring the old
-// one back.
+// new file cannot be made (the directory is read-only, say), the old one
+// stays in use, those lines are written to it after all, and compaction
+// is next tried when the file has doubled. Once the new file has replaced
+// the old one, a failure to make that replacement durable makes the
+// journal unwritable: the new file holds lines the old one lacks, and a
+// crash could bring the old one back.
 func (s *store) compact() (uint64, error) {
 	data, lsn, taken := s.snapshot()
 	renamed, err := s.replace(data)
@@ -692,36 +909,41 @@ func (s *store) takePending() ([]byte, uint64) {
 }
 
 // close writes what is pending, syncs (with --fsync=never too), and
-// closes the file. Lines appended after it are never written; waiting for
+// closes the file; an unwritable journal is tried once more first. Lines appended after it are never written; waiting for
 // them returns errJournalClosed.
 func (s *store) close() error {
 	if s == nil {
 		return nil
 	}
 	s.mu.Lock()
-	s.closing = true
+	if !s.closing {
+		s.closing = true
+		close(s.stop)
+	}
 	s.mu.Unlock()
 	s.wake.Signal()
 	<-s.done
 	s.mu.Lock()
 	s.closed = true
 	s.advanced.Broadcast()
-	failed := s.failed
+	failing := s.failing
 	s.mu.Unlock()
-	if err := s.f.Sync(); err != nil && failed == nil {
-		failed = err
+	if failing == nil {
+		if err := s.f.Sync(); err != nil {
+			failing = journalError(s.path, err)
+		}
 	}
-	return errors.Join(failed, s.f.Close())
+	return errors.Join(failing, s.f.Close())
 }
 
-// err reports whether the journal has failed.
+// err reports why the journal is unwritable, if it is.
 func (s *store) err() error {
 	if s == nil {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.failed
+	return s.failing
 }
 
 // The registry records its changes through these.

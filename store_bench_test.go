@@ -6,6 +6,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -46,7 +47,7 @@ func BenchmarkJournalAppend(b *testing.B) {
 			b.Run(fmt.Sprintf("fsync=%s/conns=%d", fsyncName(fsync), conns), func(b *testing.B) {
 				m := newMetrics()
 				reg := newRegistry(defaultLimits, true, nil, nil, m)
-				s, err := openStore(filepath.Join(b.TempDir(), "channel.jsonl"), fsync, reg, slog.New(slog.DiscardHandler), m, nil)
+				s, err := openStore(context.Background(), filepath.Join(b.TempDir(), "channel.jsonl"), fsync, reg, slog.New(slog.DiscardHandler), m)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -66,7 +67,7 @@ func BenchmarkJournalAppend(b *testing.B) {
 							s.message(mb, message{side: "side", phase: "pake", body: pakeBody, serverRx: 1, id: jsonNull})
 							lsn := s.lastLSN()
 							reg.mu.Unlock()
-							if err := s.waitDurable(lsn); err != nil {
+							if err := s.waitDurable(lsn, nil); err != nil {
 								b.Error(err)
 								return
 							}
@@ -238,7 +239,7 @@ func BenchmarkReplay(b *testing.B) {
 				cpuStart := cpuTime()
 				m := newMetrics()
 				reg := newRegistry(defaultLimits, true, nil, nil, m)
-				s, err := openStore(file.path, true, reg, slog.New(slog.DiscardHandler), m, nil)
+				s, err := openStore(context.Background(), file.path, true, reg, slog.New(slog.DiscardHandler), m)
 				if err != nil {
 					b.Fatal(err)
 				}

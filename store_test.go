@@ -182,7 +182,7 @@ func openTestStore(t testing.TB, path string) (*registry, *store, *logCapture, e
 	m := newMetrics()
 	reg := newRegistry(defaultLimits, true, nil, nil, m)
 	logs := newLogCapture(t)
-	s, err := openStore(path, true, reg, logs.logger(), m, nil)
+	s, err := openStore(context.Background(), path, true, reg, logs.logger(), m)
 	if s != nil {
 		reg.journal = s
 	}
@@ -248,6 +248,71 @@ var (
 
 func journalText(lines ...string) string { return strings.Join(lines, "\n") + "\n" }
 
+// withChecksum returns a line of an older journal (without a newline) as
+// the server now writes it, ending with its checksum.
+func withChecksum(line string) string {
+	b := appendChecksum([]byte(strings.TrimSuffix(line, "}")), 0)
+	return string(b[:len(b)-1])
+}
+
+// flipByte returns s with the bits of its i-th byte (from the end, if i
+// is negative) flipped as a failing disk might: one bit, kept printable.
+func flipByte(s string, i int) string {
+	if i < 0 {
+		i += len(s)
+	}
+	b := []byte(s)
+	b[i] ^= 0x01
+	return string(b)
+}
+
+// TestReplayChecksum replays lines with checksums, alone and mixed with
+// the lines of an older journal, and checks that one byte changed
+// anywhere in a line with a checksum is caught, with the file and line
+// named: in a string, in a number, in the checksum, in its tag.
+func TestReplayChecksum(t *testing.T) {
+	var checked []string
+	for _, line := range everyKindOfLine {
+		checked = append(checked, withChecksum(line))
+	}
+	for name, lines := range map[string][]string{
+		"all with checksums": checked,
+		"mixed":              append(append(slices.Clone(everyKindOfLine[:4]), checked[4:10]...), everyKindOfLine[10:]...),
+	} {
+		if st := replayed(t, writeJournal(t, journalText(lines...))); !reflect.DeepEqual(st, everyKindState) {
+			t.Errorf("%s: replayed %+v", name, st)
+		}
+	}
+	line := checked[2] // the first message
+	for _, tc := range []struct {
+		name  string
+		at    int
+		cause string
+	}{
+		{"in the body", strings.Index(line, `"aa"`) + 1, "does not match"},
+		{"in the kind", strings.Index(line, "message"), "does not match"},
+		{"in a time", strings.Index(line, "101"), "does not match"},
+		{"in the checksum", -4, "does not match"},
+		{"in the tag", -crcTailLen + 3, "tag is damaged"},
+		{"a digit's case", -5, "does not match"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := flipByte(line, tc.at)
+			if tc.name == "a digit's case" {
+				bad = line[:len(line)+tc.at] + strings.ToUpper(line[len(line)+tc.at:len(line)+tc.at+1]) + line[len(line)+tc.at+1:]
+				if bad == line {
+					bad = flipByte(line, tc.at)
+				}
+			}
+			path := writeJournal(t, journalText(checked[0], checked[1], bad, checked[3]))
+			_, _, _, err := openTestStore(t, path)
+			if want := fmt.Sprintf("%s:3: ", path); err == nil || !strings.HasPrefix(err.Error(), want) || !strings.Contains(err.Error(), tc.cause) {
+				t.Fatalf("replaying %s: %v, want an error starting %q saying %q", bad, err, want, tc.cause)
+			}
+		})
+	}
+}
+
 func writeJournal(t testing.TB, text string) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "channel.jsonl")
@@ -288,6 +353,9 @@ func TestReplayTornTail(t *testing.T) {
 		{"partial line", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","pha`},
 		{"whole object without its newline", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","phase":"x","body":"dd","server_rx":104}`},
 		{"zero bytes", string(make([]byte, 4096))},
+		{"bad last line that ends with a newline", "{\"kind\":\"mess\n"},
+		{"zero bytes ending with a newline", string(make([]byte, 100)) + "\n"},
+		{"last line whose checksum fails", flipByte(withChecksum(everyKindOfLine[2]), 60) + "\n"},
 		{"nothing", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -313,7 +381,7 @@ func TestReplayTornTail(t *testing.T) {
 			reg.journal.mailbox(&mailbox{app: &app{id: "a9"}, id: "new", updated: 400})
 			lsn := reg.journal.lastLSN()
 			reg.mu.Unlock()
-			if err := s.waitDurable(lsn); err != nil {
+			if err := s.waitDurable(lsn, nil); err != nil {
 				t.Fatal(err)
 			}
 			if err := s.close(); err != nil {
@@ -344,8 +412,7 @@ func TestReplayBadLine(t *testing.T) {
 		{"unknown kind", journalText(good[0], `{"kind":"channel","app":"a1","mailbox":"mb1"}`), 2, `unknown kind "channel"`},
 		{"nameplate without its mailbox", journalText(good[1], good[0]), 1, `nameplate "4" points at unknown mailbox "mb1"`},
 		{"message without its mailbox", journalText(good[2], good[0]), 1, `message for unknown mailbox "mb1"`},
-		{"bad last line that ends with a newline", journalText(good[0], good[1], `{"kind":"mess`), 3, "invalid character"},
-		{"zero bytes ending with a newline", journalText(good[0], string(make([]byte, 100))), 2, "invalid character"},
+		{"checksum fails", journalText(withChecksum(good[0]), flipByte(withChecksum(good[1]), 30), good[2]), 2, "does not match"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := writeJournal(t, tc.text)
@@ -558,7 +625,7 @@ func TestJournalClosed(t *testing.T) {
 	s.mailbox(&mailbox{app: &app{id: "a"}, id: "m"})
 	lsn := s.lastLSN()
 	reg.mu.Unlock()
-	if err := s.waitDurable(lsn); !errors.Is(err, errJournalClosed) {
+	if err := s.waitDurable(lsn, nil); !errors.Is(err, errJournalClosed) {
 		t.Fatalf("waiting after close: %v, want errJournalClosed", err)
 	}
 }
@@ -624,7 +691,7 @@ func TestCompactionEquivalence(t *testing.T) {
 	r1.expect(fmt.Sprintf(`{"type": "open", "mailbox": %q}`, mb2), "message")
 	s1.expect(`{"type": "release"}`, "released")
 
-	// A third side crowds a nameplate; its claim is still recorded.
+	// A third side crowds a nameplate; it is refused and not recorded.
 	tick()
 	c3 := dial("app1", "c3")
 	c3.expectError(`{"type": "claim", "nameplate": "2"}`, "crowded")
@@ -885,14 +952,54 @@ func connectionOf(t testing.TB, srv *server, side string) *connection {
 	return nil
 }
 
-// TestJournalWriteFailure makes the disk fail under the journal (its file
-// descriptor is replaced by a read-only one, so every write fails) and
-// checks that nothing depending on an unwritten line reaches a client,
-// not even when a control frame that depends on nothing is queued after
-// it, and that the server is told to stop.
-func TestJournalWriteFailure(t *testing.T) {
+// waitUntil polls cond until it holds, failing the test after testTimeout.
+func waitUntil(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(testTimeout); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+	}
+}
+
+// breakJournal makes every write to the server's journal fail (its file
+// descriptor is replaced by a read-only one) and every retry too (its
+// directory becomes immutable, so no new file can be made in it). The
+// function returned mends the directory, so the next retry succeeds.
+func breakJournal(t testing.TB, srv *server, dir string) (mend func()) {
+	t.Helper()
+	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot make a directory immutable here: %v %s", err, out)
+	}
+	mend = func() { exec.Command("chattr", "-i", dir).Run() }
+	t.Cleanup(mend) // runs before the directory is removed
+	ro, err := os.Open(srv.reg.journal.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	rc, err := srv.reg.journal.f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { err = syscall.Dup3(int(ro.Fd()), int(fd), 0) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mend
+}
+
+// TestJournalUnwritable makes the journal fail under a running server and
+// checks the promise: nothing depending on an unwritten line reaches a
+// client, not even when a control frame that depends on nothing is queued
+// after it; changes are refused with a clear error and the health check
+// fails, while pings are answered; and once the journal can be written
+// again, the waiting reply is sent, service resumes, and the journal holds
+// everything acknowledged, before and after.
+func TestJournalUnwritable(t *testing.T) {
+	dir := t.TempDir()
 	cfg := testConfig()
-	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
+	cfg.channelDB = filepath.Join(dir, "channel.jsonl")
 	ts := startServer(t, cfg)
 	a, _ := ts.dial(t)
 	a.bind("app", "a")
@@ -901,34 +1008,11 @@ func TestJournalWriteFailure(t *testing.T) {
 	b, _ := ts.dial(t)
 	b.bind("app", "b")
 
-	ro, err := os.Open(cfg.channelDB)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ro.Close()
-	rc, err := ts.reg.journal.f.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.Control(func(fd uintptr) { err = syscall.Dup3(int(ro.Fd()), int(fd), 0) })
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	a.send(`{"type": "add", "phase": "2", "body": "02", "id": "lost"}`)
-	if m, err := a.tryNext(); err == nil {
-		t.Fatalf("after the journal failed, the client got %v", m)
-	}
-	select {
-	case err := <-ts.failed:
-		if !strings.Contains(err.Error(), "bad file descriptor") {
-			t.Errorf("failure reported as %v", err)
-		}
-	case <-time.After(testTimeout):
-		t.Fatal("the server was not told the journal failed")
-	}
-	if err := ts.healthy(); err == nil {
-		t.Error("healthy with a failed journal")
+	mend := breakJournal(t, ts.server, dir)
+	a.send(`{"type": "add", "phase": "2", "body": "02", "id": "waiting"}`)
+	waitUntil(t, "the server is unhealthy", func() bool { return ts.healthy() != nil })
+	if err := ts.healthy().Error(); !strings.Contains(err, "journal "+cfg.channelDB+": ") || !strings.Contains(err, "bad file descriptor") {
+		t.Errorf("unhealthy because %q, want the journal's path and the cause", err)
 	}
 
 	// A frame depending on the unwritten line, followed by a pong, must
@@ -936,19 +1020,87 @@ func TestJournalWriteFailure(t *testing.T) {
 	c := connectionOf(t, ts.server, "b")
 	c.waitFlushed()
 	undurable := outFrame{opcode: websocket.TextFrame, data: []byte(`{"type": "x"}`), lsn: ts.reg.journal.lastLSN()}
-	if err := c.writeBatch([]outFrame{undurable, {opcode: websocket.PongFrame}}); err == nil {
-		t.Error("a batch ending with a pong was sent before the frame it holds was durable")
+	done := make(chan error, 1)
+	go func() { done <- c.writeBatch([]outFrame{undurable, {opcode: websocket.PongFrame}}) }()
+
+	// Other clients are told why changes are refused, and still answered
+	// when they change nothing.
+	d, _ := ts.dial(t)
+	d.bind("app", "d")
+	d.expect(`{"type": "ping", "ping": 7}`, "pong")
+	for _, cmd := range []string{`{"type": "allocate"}`, `{"type": "claim", "nameplate": "5"}`,
+		`{"type": "open", "mailbox": "other"}`} {
+		d.expectError(cmd, string(errCannotSave))
 	}
-	// Nothing more is answered: every reply would depend on the journal.
-	b.send(`{"type": "ping", "ping": 1}`)
-	if m, err := b.tryNext(); err == nil {
-		t.Fatalf("after the journal failed, the client got %v", m)
+	if n := ts.metrics.clientErrors.Get(string(errCannotSave)); n == nil || n.String() != "3" {
+		t.Errorf("refusals counted: %v, want 3", n)
 	}
+	a.raw.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	var got []byte
+	if err := websocket.Message.Receive(a.ws, &got); err == nil {
+		t.Fatalf("while the journal was unwritable, the client got %s", got)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("a batch ending with a pong was sent (%v) before the frame it holds was durable", err)
+	default:
+	}
+
+	mend()
+	waitUntil(t, "the server is healthy again", func() bool { return ts.healthy() == nil })
+	if err := <-done; err != nil {
+		t.Errorf("the batch that waited: %v", err)
+	}
+	if m := a.next(); m.typ() != "ack" {
+		t.Fatalf("after the journal came back, the client got %v, want the ack it waited for", m)
+	}
+	if m := a.next(); m.typ() != "message" || m.str("body") != "02" {
+		t.Fatalf("after the journal came back, the client got %v, want its message", m)
+	}
+	d.expect(`{"type": "open", "mailbox": "m"}`, "message", "message")
+	d.expect(`{"type": "add", "phase": "3", "body": "03", "id": "after"}`, "message")
 
 	ts.stop()
 	data, _ := os.ReadFile(cfg.channelDB)
-	if !bytes.Contains(data, []byte(`"id":"kept"`)) || bytes.Contains(data, []byte(`"id":"lost"`)) {
-		t.Fatalf("journal after the failure:\n%s", data)
+	for _, id := range []string{"kept", "waiting", "after"} {
+		if !bytes.Contains(data, []byte(`"id":"`+id+`"`)) {
+			t.Errorf("the journal lacks message %q:\n%s", id, data)
+		}
+	}
+}
+
+// TestJournalUnwritableShutdown checks that a client leaving while its
+// reply waits for an unwritable journal ends its connection, and that a
+// shutdown then ends every connection and reports the journal's trouble.
+func TestJournalUnwritableShutdown(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(dir, "channel.jsonl")
+	ts := startServer(t, cfg)
+	var clients []*testClient
+	for _, side := range []string{"a", "b"} {
+		c, _ := ts.dial(t)
+		c.bind("app", side)
+		c.expect(`{"type": "open", "mailbox": "m"}`)
+		clients = append(clients, c)
+	}
+	breakJournal(t, ts.server, dir)
+	for _, c := range clients {
+		c.send(`{"type": "add", "phase": "x", "body": "01"}`)
+	}
+	waitUntil(t, "the server is unhealthy", func() bool { return ts.healthy() != nil })
+	clients[0].raw.Close()
+	waitUntil(t, "the connection that left has ended", func() bool { return ts.metrics.connections.Value() == 1 })
+
+	ts.http.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	ts.closeConnections(ctx)
+	if ctx.Err() != nil {
+		t.Error("shutdown waited for the disk")
+	}
+	if err := ts.close(); err == nil || !strings.Contains(err.Error(), cfg.channelDB) {
+		t.Errorf("close returned %v, want the journal's trouble", err)
 	}
 }
 
@@ -970,10 +1122,14 @@ func TestAppendLine(t *testing.T) {
 		enc.SetEscapeHTML(false)
 		enc.Encode(&rec)
 		got := rec.appendLine(nil)
+		if err := checkLine(got); err != nil || !bytes.Contains(got, []byte(crcTag)) {
+			t.Errorf("appendLine wrote %s without a good checksum: %v", got, err)
+		}
 		var a, b any
 		if err := json.Unmarshal(got, &a); err != nil {
 			t.Fatalf("appendLine wrote invalid JSON %s: %v", got, err)
 		}
+		delete(a.(map[string]any), "crc")
 		json.Unmarshal(want.Bytes(), &b)
 		if !reflect.DeepEqual(a, b) || !bytes.HasSuffix(got, []byte("}\n")) {
 			t.Errorf("appendLine:\n got %s\nwant %s", got, want.Bytes())

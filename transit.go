@@ -294,7 +294,7 @@ func (u *usageLog) transitSession(started, total float64, waiting *float64, byte
 		bytes = blurSize(bytes)
 	}
 	u.write(&transitUsage{Type: usageTransit, Started: u.blurred(started), TotalTime: total,
-		WaitingTime: waiting, TotalBytes: bytes, Mood: mood})
+		WaitingTime: waiting, TotalBytes: bytes, Mood: mood}, unixSeconds(time.Now()), true) // a session, as a channel record
 }
 
 // blurSize rounds a byte count up as the reference does: to 10 kB below

@@ -49,7 +49,7 @@ func startTransit(t *testing.T, cfg transitConfig) *testTransit {
 	path := filepath.Join(t.TempDir(), "usage.jsonl")
 	log := testLogger(t)
 	m := newMetrics()
-	usage, err := openUsageLog(path, -1, log, m)
+	usage, err := openUsageLog(path, -1, 0, log, m)
 	if err != nil {
 		t.Fatal(err)
 	}

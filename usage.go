@@ -1,11 +1,13 @@
 // usage.go owns what the server reports about its own use: the usage log
 // (--usage-db), a JSON-lines file with the reference's usage records
-// (../shared/protocol.md §8), and the live counters served on the metrics
+// (PROTOCOL.md §11), and the live counters served on the metrics
 // address (--metrics-listen).
 //
 // Usage records are written by their own goroutine from a bounded queue,
 // so a slow, full or failing disk never holds up a transfer: a record that
 // does not fit in the queue, or cannot be written, is counted and dropped.
+// The log grows at a bounded rate, so a flood cannot fill the disk it
+// shares with the journal (see defaultUsageBytesPerSecond).
 package main
 
 import (
@@ -29,12 +31,27 @@ import (
 // transfers while the disk stalls.
 const usageQueueLen = 4096
 
+// The usage log grows by at most defaultUsageBytesPerSecond
+// (--max-usage-log-rate), after a burst of usageBurstBytes. As the
+// reference does, every bind writes a client_version record, and a bind
+// costs a client nothing else: a flood of binds from four addresses grew
+// the log 7.6 MB/s. A busy server (ten transfers a second, each a few
+// binds and retired channels) writes about 7 kB/s; past the rate, records
+// are counted (refusals "usage log rate") and dropped. Channels' records
+// come first: a client_version record is written only while more than
+// half the burst is left, so binds never take the half that keeps the
+// nameplate, mailbox and current records of transfers.
+const (
+	defaultUsageBytesPerSecond = 16 << 10
+	usageBurstBytes            = 1 << 20
+)
+
 // usageBatchBytes is about the most the writer puts in one write: enough
 // to take a burst in a few system calls, small enough to keep its buffer
 // cheap.
 const usageBatchBytes = 64 << 10
 
-// Results of a retired nameplate or mailbox (§8.2, §8.3). Where they
+// Results of a retired nameplate or mailbox (PROTOCOL.md §11.2, §11.1). Where they
 // compete, the later in this list wins: crowded > pruney > scary > errory >
 // lonely > happy.
 const (
@@ -56,11 +73,11 @@ const (
 )
 
 // The usage records. Each is one line of the usage log; Type says which
-// of the reference's tables (§8.6) the line belongs to, and the other
+// of the reference's tables (PROTOCOL.md §11) the line belongs to, and the other
 // fields are that table's columns, in its order and with its names, so an
 // existing analysis maps one to one. Every field is always present; null
 // stands where the reference stores NULL. Times are Unix seconds with a
-// fraction; start times are blurred (§8.5), durations never are.
+// fraction; start times are blurred (PROTOCOL.md §11.5), durations never are.
 
 // nameplateUsage records a retired nameplate.
 type nameplateUsage struct {
@@ -113,9 +130,12 @@ type usageLog struct {
 	blur int // --blur-usage: round start times down to this many seconds if > 0; < 0 when not given
 	log  *slog.Logger
 	m    *metrics
+	rate float64 // bytes per second the log may grow; 0: no bound
 
-	mu       sync.Mutex // guards closed, so that nothing is queued after close
+	mu       sync.Mutex // guards closed, so that nothing is queued after close, and the allowance
 	closed   bool
+	allowed  float64 // bytes that may be written now, at most usageBurstBytes
+	allowAt  float64 // when allowed was last brought up to date (server clock)
 	queue    chan []byte
 	requests chan usageRequest
 	done     chan struct{} // closed when the writer has finished
@@ -129,16 +149,17 @@ type usageRequest struct {
 }
 
 // openUsageLog opens (creating) the usage log and starts its writer. A
-// negative blur means --blur-usage was not given.
-func openUsageLog(path string, blur int, log *slog.Logger, m *metrics) (*usageLog, error) {
+// negative blur means --blur-usage was not given; rate bounds the bytes
+// written per second (0: no bound).
+func openUsageLog(path string, blur int, rate int, log *slog.Logger, m *metrics) (*usageLog, error) {
 	if err := notSQLite(path, "--usage-db"); err != nil {
 		return nil, err
 	}
 	f, err := openAppend(path)
 	if err != nil {
-		return nil, err
+		return nil, startupError("usage log (--usage-db)", path, err)
 	}
-	u := &usageLog{path: path, blur: blur, log: log, m: m,
+	u := &usageLog{path: path, blur: blur, log: log, m: m, rate: float64(rate), allowed: usageBurstBytes,
 		queue: make(chan []byte, usageQueueLen), requests: make(chan usageRequest), done: make(chan struct{})}
 	go u.run(f)
 	return u, nil
@@ -299,8 +320,10 @@ func (u *usageLog) close() {
 	<-u.done
 }
 
-// write queues a record, or counts it as lost if the queue is full.
-func (u *usageLog) write(rec any) {
+// write queues a record, or counts it as lost if the queue is full. now
+// is the server's clock, for the rate; channel says the record is of a
+// channel (not a client_version), and may use the whole burst.
+func (u *usageLog) write(rec any, now float64, channel bool) {
 	line, err := json.Marshal(rec)
 	if err != nil { // a time that is not a number, from a corrupt journal
 		u.m.usageErrors.Add(1)
@@ -314,6 +337,10 @@ func (u *usageLog) write(rec any) {
 		u.m.usageErrors.Add(1)
 		return
 	}
+	if !u.allowLocked(len(line), now, channel) {
+		u.m.refused("usage log rate")
+		return
+	}
 	select {
 	case u.queue <- line:
 	default:
@@ -321,7 +348,28 @@ func (u *usageLog) write(rec any) {
 	}
 }
 
-// blurred rounds t down to a multiple of the blur interval (§8.5).
+// allowLocked takes n bytes from the allowance, if it has them, at the
+// server time now. A client_version record must leave half the burst.
+func (u *usageLog) allowLocked(n int, now float64, channel bool) bool {
+	if u.rate == 0 {
+		return true
+	}
+	if now > u.allowAt {
+		u.allowed = min(usageBurstBytes, u.allowed+(now-u.allowAt)*u.rate)
+	}
+	u.allowAt = now // a clock stepped back refills nothing until it passes the last time
+	need := float64(n)
+	if !channel {
+		need += usageBurstBytes / 2
+	}
+	if u.allowed < need {
+		return false
+	}
+	u.allowed -= float64(n)
+	return true
+}
+
+// blurred rounds t down to a multiple of the blur interval (PROTOCOL.md §11.5).
 func (u *usageLog) blurred(t float64) float64 {
 	if u.blur > 0 {
 		t = float64(u.blur) * math.Floor(t/float64(u.blur))
@@ -330,16 +378,16 @@ func (u *usageLog) blurred(t float64) float64 {
 }
 
 // bound records a client's bind with its client_version, null when the
-// client sent none (§8.4).
+// client sent none (PROTOCOL.md §11.3).
 func (u *usageLog) bound(appID, side string, now float64, impl, version *string) {
 	if u == nil {
 		return
 	}
 	u.write(&clientVersionUsage{Type: usageClientVersion, AppID: appID, Side: side,
-		ConnectTime: u.blurred(now), Implementation: impl, Version: version})
+		ConnectTime: u.blurred(now), Implementation: impl, Version: version}, now, false)
 }
 
-// nameplateRetired records a nameplate that was deleted (§8.3): "lonely"
+// nameplateRetired records a nameplate that was deleted (PROTOCOL.md §11.1): "lonely"
 // unless exactly two sides used it ("happy"); "pruney" if it expired; and
 // "crowded", above all, if more than two tried.
 func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pruned bool) {
@@ -358,14 +406,14 @@ func (u *usageLog) nameplateRetired(appID string, np *nameplate, now float64, pr
 	if pruned {
 		result = resultPruney
 	}
-	if len(times) > crowdedSides {
+	if len(times) > crowdedSides || np.crowded {
 		result = resultCrowded
 	}
 	u.write(&nameplateUsage{Type: usageNameplate, AppID: appID,
-		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
+		Started: started, TotalTime: total, WaitingTime: waiting, Result: result}, now, true)
 }
 
-// mailboxRetired records a mailbox that was deleted (§8.2). The result is
+// mailboxRetired records a mailbox that was deleted (PROTOCOL.md §11.2). The result is
 // "lonely" for one side and "happy" for more, then overridden by the
 // sides' moods and the server's view, each later rule winning: a "lonely"
 // mood, an "errory" mood, a "scary" mood, expiry ("pruney"), and more than
@@ -382,7 +430,7 @@ func (u *usageLog) mailboxRetired(mb *mailbox, now float64, pruned bool) {
 	started, total, waiting := u.timing(times, now)
 	var result string
 	switch {
-	case len(times) > crowdedSides:
+	case len(times) > crowdedSides || mb.crowded: // more only in a journal of an older server
 		result = resultCrowded
 	case pruned:
 		result = resultPruney
@@ -398,7 +446,7 @@ func (u *usageLog) mailboxRetired(mb *mailbox, now float64, pruned bool) {
 		result = resultHappy
 	}
 	u.write(&mailboxUsage{Type: usageMailbox, AppID: mb.app.id, ForNameplate: mb.forNameplate,
-		Started: started, TotalTime: total, WaitingTime: waiting, Result: result})
+		Started: started, TotalTime: total, WaitingTime: waiting, Result: result}, now, true)
 }
 
 // timing computes what nameplate and mailbox records share from the times
@@ -427,7 +475,7 @@ func (u *usageLog) current(rebooted, now float64, connections int) {
 	if u.blur >= 0 {
 		rec.BlurTime = &u.blur
 	}
-	u.write(rec)
+	u.write(rec, now, true)
 }
 
 // metrics are the live counters, served as JSON on the metrics address
@@ -444,6 +492,7 @@ type metrics struct {
 	refusals         expvar.Map // requests refused by a limit, by limit
 	dropped          expvar.Map // connections that ended other than by the client's close frame, by reason
 	journalSyncs     expvar.Int // fsyncs of the channel journal
+	journalFailures  expvar.Int // failed writes, fsyncs and retries of the channel journal
 	journalBytes     expvar.Int // bytes appended to the channel journal
 	compactions      expvar.Int // rewrites of the channel journal
 	usageRecords     expvar.Int // usage records written
@@ -462,7 +511,7 @@ func newMetrics() *metrics {
 		"nameplates": &m.nameplates, "mailboxes": &m.mailboxes,
 		"messages": &m.messages, "messages_delivered": &m.delivered, "frames_sent": &m.framesSent,
 		"client_errors": &m.clientErrors, "refusals": &m.refusals, "dropped": &m.dropped,
-		"journal_syncs": &m.journalSyncs, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
+		"journal_syncs": &m.journalSyncs, "journal_failures": &m.journalFailures, "journal_bytes": &m.journalBytes, "journal_compactions": &m.compactions,
 		"usage_records": &m.usageRecords, "usage_errors": &m.usageErrors,
 		"goroutines": expvar.Func(func() any { return runtime.NumGoroutine() }),
 	} {

@@ -15,8 +15,10 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // t0 is when the fake clock starts, a whole second so that times stay
@@ -112,7 +114,7 @@ func closeWith(c *testClient, mood string) {
 
 // TestUsageResults drives transfers through the protocol and checks the
 // records written when their nameplate and mailbox are retired: the
-// result rules of §8.2 and §8.3, and the times.
+// result rules of PROTOCOL.md §11.2 and §11.1, and the times.
 func TestUsageResults(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -560,4 +562,96 @@ func TestMetricsDropReasons(t *testing.T) {
 	if got := m.dropped.String(); got != want {
 		t.Errorf("dropped = %s, want %s", got, want)
 	}
+}
+
+// TestCurrentRecordAtShutdown checks that a server writes a "current"
+// record as it stops, besides the one at start-up, so that the log's last
+// record on the server says how long it ran (stats shows it as "up").
+func TestCurrentRecordAtShutdown(t *testing.T) {
+	ts, clock := startUsageServer(t, testConfig())
+	started := ts.usageLines(t, usageCurrent)
+	if len(started) != 1 {
+		t.Fatalf("%d current records at start-up, want 1", len(started))
+	}
+	clock.set(t0 + 3600)
+	ts.server.close()
+	got := readUsage(t, ts.cfg.usageDB, usageCurrent)
+	if len(got) != 2 || got[1]["updated"] != t0+3600 {
+		t.Fatalf("current records %v, want a second one written at shutdown, at the clock's time then", got)
+	}
+}
+
+// TestUsageFlood floods the server with binds from four addresses, each
+// a new connection with the longest appid, side and client_version
+// allowed, on a clock that stands still: the usage log takes half the
+// burst of them and no more, the rest are counted, and a transfer during
+// the flood still has its nameplate and mailbox records. Once the clock
+// moves on, binds are recorded again.
+func TestUsageFlood(t *testing.T) {
+	cfg := testConfig()
+	cfg.usageRate = defaultUsageBytesPerSecond
+	ts, clock := startUsageServer(t, cfg)
+	long := strings.Repeat("v", maxAppIDLen)
+	bind := fmt.Sprintf(`{"type": "bind", "appid": %q, "side": %q, "client_version": [%q, %q]}`,
+		long, strings.Repeat("s", maxTokenLen), long, long)
+	recordBytes := len(mustJSON(t, &clientVersionUsage{Type: usageClientVersion, AppID: long,
+		Side: strings.Repeat("s", maxTokenLen), ConnectTime: t0, Implementation: &long, Version: &long})) + 1
+	binds := 2 * usageBurstBytes / 2 / recordBytes // twice what fits
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range binds / 4 {
+				c, _, err := dialFrom(t, ts.url, dialOptions{from: fmt.Sprintf("127.0.0.%d", i+2)})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				c.send(bind)
+				c.sync()
+				c.raw.Close()
+			}
+		}()
+	}
+	transferOver(t, ts, "5")
+	wg.Wait()
+
+	versions := ts.usageLines(t, usageClientVersion)
+	fit := usageBurstBytes/2/recordBytes + 2 // and the transfer's two
+	if len(versions) > fit || len(versions) < fit-2-4 {
+		t.Errorf("%d client_version records written, want about %d (half the burst)", len(versions), fit)
+	}
+	if got := len(ts.usageLines(t, usageMailbox)) + len(ts.usageLines(t, usageNameplate)); got != 2 {
+		t.Errorf("the transfer during the flood left %d channel records, want 2", got)
+	}
+	dropped := ts.metrics.refusals.Get("usage log rate")
+	if dropped == nil || dropped.String() == "0" {
+		t.Fatal("no dropped record counted")
+	}
+	fi, _ := os.Stat(ts.cfg.usageDB)
+	t.Logf("%d binds: %d recorded, %s dropped; log %d bytes", binds, len(versions), dropped, fi.Size())
+	if fi.Size() > usageBurstBytes {
+		t.Errorf("the usage log grew %d bytes on a stopped clock, more than the burst", fi.Size())
+	}
+
+	clock.advance(time.Duration(2*recordBytes*int(time.Second)) / defaultUsageBytesPerSecond)
+	c, _, err := dialFrom(t, ts.url, dialOptions{from: "127.0.0.2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.send(bind)
+	c.sync()
+	if got := len(ts.usageLines(t, usageClientVersion)); got != len(versions)+1 {
+		t.Errorf("after the clock moved on, %d client_version records, want %d", got, len(versions)+1)
+	}
+}
+
+func mustJSON(t testing.TB, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

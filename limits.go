@@ -1,0 +1,456 @@
+// limits.go owns the server-wide budgets that connections share: the
+// budget for partly received messages, and the limiter of connections
+// and new nameplates per client address.
+package main
+
+import (
+	"crypto/tls"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Server-wide budgets. Tests may set smaller ones on the server.
+const (
+	// readChunkBytes is the least a message's buffer grows by as its
+	// payload arrives: a frame header announcing 512 KiB reserves no more
+	// than this before the bytes come.
+	readChunkBytes = 4 << 10
+
+	// maxPartialBytesTotal bounds the memory held by messages that have
+	// begun but not yet fully arrived, across all connections. Real
+	// clients send messages of a few KiB that arrive in one read, so
+	// only a flood of large, slow messages meets it: 128 messages of the
+	// largest size at once. When it is used up, the connection holding
+	// the most is closed.
+	maxPartialBytesTotal = 64 << 20
+
+	// messageTimeout is how long a message may take to arrive once its
+	// first frame header has: a message of the largest size takes well
+	// under a second on any link a wormhole client uses, and pings
+	// between its fragments do not extend it.
+	messageTimeout = 30 * time.Second
+)
+
+// The command budget of every connection (see connection.takeCommand).
+const (
+	// commandsPerSecond is how fast a connection's budget refills. A
+	// transfer takes about a dozen commands (the load tool's, 12), a
+	// Dilation session a few a minute; a client flooding pings took
+	// 115,000 a second and slowed everyone.
+	commandsPerSecond = 20
+
+	// commandBurst is how many commands a connection may send at once:
+	// several transfers' worth, so no real client waits.
+	commandBurst = 100
+
+	// commandBytesPerToken prices a command by the work it causes: one
+	// token more for every this many bytes it sends back, so a "list" of
+	// a full app or the re-"open" of a full mailbox (its replay) costs
+	// what it does, and an "add" a little more than a "ping".
+	commandBytesPerToken = 16 << 10
+)
+
+// errCommandRate is what a client that sends commands faster than its
+// budget allows is told, before its connection is closed.
+var errCommandRate = errors.New("too many commands on this connection, slow down")
+
+// errPartialBudget is why a connection is closed when the budget for
+// partly received messages is used up and it holds the most of it.
+var errPartialBudget = errors.New("the server is receiving too many large messages, try again later")
+
+// errMessageTimeout is why a connection is closed whose message did not
+// arrive within messageTimeout.
+var errMessageTimeout = errors.New("message not complete in time")
+
+// partialBudget is the server-wide budget for partly received messages.
+// Each connection's reader charges what its message's buffer grows by;
+// the charge is given back when the message is complete or the read
+// fails.
+type partialBudget struct {
+	max int64
+
+	mu      sync.Mutex
+	total   int64
+	held    map[*connection]int64
+	evicted map[*connection]bool // closed for the budget; their charges are already given back
+	onEvict func(*connection)    // closes a connection chosen to make room
+}
+
+func newPartialBudget(max int64, onEvict func(*connection)) *partialBudget {
+	return &partialBudget{max: max, held: make(map[*connection]int64), evicted: make(map[*connection]bool), onEvict: onEvict}
+}
+
+// charge counts n more bytes held by c's message. When that would exceed
+// the budget, the connection holding the most (counting c's n) is closed
+// to make room: if that is c, charge fails with errPartialBudget.
+func (b *partialBudget) charge(c *connection, n int) error {
+	var victims []*connection
+	defer func() {
+		for _, v := range victims { // closing takes the connection's own lock: not under b.mu
+			b.onEvict(v)
+		}
+	}()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.evicted[c] {
+		return errPartialBudget
+	}
+	for b.total+int64(n) > b.max {
+		top, most := c, b.held[c]+int64(n)
+		for v, h := range b.held {
+			if h > most {
+				top, most = v, h
+			}
+		}
+		if top == c {
+			return errPartialBudget
+		}
+		b.total -= b.held[top]
+		delete(b.held, top)
+		b.evicted[top] = true
+		victims = append(victims, top)
+	}
+	b.held[c] += int64(n)
+	b.total += int64(n)
+	return nil
+}
+
+// release gives back what c's message holds; the message is complete, or
+// its read failed.
+func (b *partialBudget) release(c *connection) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.total -= b.held[c]
+	delete(b.held, c)
+	delete(b.evicted, c)
+}
+
+// bytes is what partly received messages hold now.
+func (b *partialBudget) bytes() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.total
+}
+
+// Connection gate limits. Tests may set smaller ones on the gate.
+const (
+	// fdHeadroom is how many file descriptors the gate keeps free below
+	// the process's limit (RLIMIT_NOFILE): for the journal and its
+	// compaction, the usage log, the metrics listener and its clients,
+	// so that accept never fails for want of one and /healthz answers.
+	fdHeadroom = 128
+
+	// fdRefusalRoom is how many descriptors, beyond the total connection
+	// cap, are left for connections accepted only to be told they are
+	// refused (a WebSocket client's welcome error, an HTTP 503). If the
+	// descriptor limit leaves less, the total cap is lowered to fit.
+	fdRefusalRoom = 512
+
+	// refusalTimeout is how long a refused connection is kept open to be
+	// told why: time for a client to send its opening request and read
+	// the answer, not the whole readHeaderTimeout.
+	refusalTimeout = 5 * time.Second
+
+	// maxRefusedPerAddr is how many connections over its limit one
+	// address may have open while they are told why; more are closed as
+	// they are accepted, without a word, so that one address cannot take
+	// the descriptors kept for telling others.
+	maxRefusedPerAddr = 16
+)
+
+// errFairShare is what a WebSocket connection is told when it is closed
+// to make room for a client from an address holding less than its share.
+var errFairShare = errors.New("the server is full; a connection from your address was closed to make room for others")
+
+// connGate counts every TCP connection from the moment it is accepted
+// (plain HTTP, keep-alive, WebSocket handshakes, TLS handshakes, and
+// WebSocket connections until they end), per client address and in all.
+//
+// When the total is reached, an address's share is the total divided by
+// the number of addresses holding connections (the newcomer's counted).
+// A newcomer from an address holding less than its share is admitted by
+// closing a connection of the address holding the most; so no set of
+// addresses can keep another out, however many connections they open.
+// A newcomer whose address holds its share or more is refused.
+type connGate struct {
+	maxPerAddr int // 0: none (behind a trusted proxy every client shares its address)
+	maxTotal   int // 0: none
+	maxOpen    int // descriptors: every accepted connection, refused ones too; 0: none
+
+	metrics *metrics
+
+	mu      sync.Mutex
+	total   int // admitted connections
+	open    int // accepted connections not yet closed
+	holding int // addresses with admitted connections
+	addrs   map[netip.Addr]*addrConns
+}
+
+// addrConns is what one address has open.
+type addrConns struct {
+	admitted map[*connSlot]struct{}
+	refused  int // accepted only to be told they are refused
+}
+
+func newConnGate(maxPerAddr, maxTotal, maxOpen int, m *metrics) *connGate {
+	return &connGate{maxPerAddr: maxPerAddr, maxTotal: maxTotal, maxOpen: maxOpen, metrics: m, addrs: make(map[netip.Addr]*addrConns)}
+}
+
+// connSlot is an accepted connection as the gate counts it: closing it
+// gives its place back.
+type connSlot struct {
+	net.Conn
+	gate    *connGate
+	key     netip.Addr
+	refused string // why the connection may not stay; "" if admitted
+
+	until time.Time // a refused connection's deadline (see refusalTimeout)
+
+	evicted bool                   // under gate.mu: closed to make room, no longer counted
+	onEvict atomic.Pointer[func()] // how to close it to make room; by default, at once
+	once    sync.Once
+}
+
+// Close closes the connection and gives its place back.
+func (s *connSlot) Close() error {
+	s.once.Do(s.gate.closed(s))
+	return s.Conn.Close()
+}
+
+// SetDeadline, SetReadDeadline and SetWriteDeadline keep a refused
+// connection's deadlines no later than its refusal deadline.
+func (s *connSlot) SetDeadline(t time.Time) error      { return s.Conn.SetDeadline(s.clamp(t)) }
+func (s *connSlot) SetReadDeadline(t time.Time) error  { return s.Conn.SetReadDeadline(s.clamp(t)) }
+func (s *connSlot) SetWriteDeadline(t time.Time) error { return s.Conn.SetWriteDeadline(s.clamp(t)) }
+
+func (s *connSlot) clamp(t time.Time) time.Time {
+	if !s.until.IsZero() && (t.IsZero() || t.After(s.until)) {
+		return s.until
+	}
+	return t
+}
+
+// setEvict says how to close the connection if its place is needed.
+func (s *connSlot) setEvict(f func()) { s.onEvict.Store(&f) }
+
+func (s *connSlot) evict() {
+	if f := s.onEvict.Load(); f != nil {
+		(*f)()
+		return
+	}
+	s.Conn.Close()
+}
+
+// accept counts a connection just accepted. It returns nil if the
+// connection is to be closed at once: there is no descriptor to spare,
+// or its address already has maxRefusedPerAddr being refused.
+func (g *connGate) accept(c net.Conn) *connSlot {
+	var ip netip.Addr
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		ip, _ = netip.AddrFromSlice(ta.IP)
+	}
+	s := &connSlot{Conn: c, gate: g, key: addrKey(ip.Unmap())}
+	if g.maxPerAddr == 0 {
+		s.key = netip.Addr{} // behind a proxy: one address for all
+	}
+	var victim *connSlot
+	defer func() {
+		if victim != nil {
+			victim.evict() // it takes the connection's own lock: not under g.mu
+		}
+	}()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.maxOpen > 0 && g.open >= g.maxOpen { // only connections closed to make room, still closing, can bring it here
+		g.metrics.refused("connections at accept (descriptors)")
+		return nil
+	}
+	a := g.addrs[s.key]
+	if a == nil {
+		a = &addrConns{admitted: make(map[*connSlot]struct{})}
+		g.addrs[s.key] = a
+	}
+	held := len(a.admitted)
+	switch {
+	case g.maxPerAddr > 0 && held >= g.maxPerAddr:
+		s.refused = errTooManyConnsFromAddr
+		g.metrics.refused("connections per address")
+	case g.maxTotal > 0 && g.total >= g.maxTotal:
+		holding := g.holding
+		if held == 0 {
+			holding++
+		}
+		if held >= g.maxTotal/holding {
+			s.refused = errTooManyConns
+			g.metrics.refused("connections")
+			break
+		}
+		var top *addrConns
+		for _, b := range g.addrs {
+			if top == nil || len(b.admitted) > len(top.admitted) {
+				top = b
+			}
+		}
+		if top == a { // cannot be, as the total is reached and a holds less than its share
+			s.refused = errTooManyConns
+			g.metrics.refused("connections")
+			break
+		}
+		for v := range top.admitted {
+			victim = v
+			break
+		}
+		g.removeLocked(victim, top)
+		victim.evicted = true
+		g.metrics.refused("connections closed for a fair share")
+	}
+	if s.refused != "" {
+		why := ""
+		switch {
+		case a.refused >= maxRefusedPerAddr:
+			why = "connections at accept (refused too often)"
+		case g.maxOpen > 0 && g.open-g.total >= g.maxOpen-g.maxTotal: // what is left is for admitted connections
+			why = "connections at accept (descriptors)"
+		}
+		if why != "" {
+			g.metrics.refused(why)
+			if held == 0 && a.refused == 0 {
+				delete(g.addrs, s.key)
+			}
+			return nil
+		}
+		a.refused++
+		s.until = time.Now().Add(refusalTimeout)
+		s.Conn.SetDeadline(s.until)
+	} else {
+		if held == 0 {
+			g.holding++
+		}
+		a.admitted[s] = struct{}{}
+		g.total++
+	}
+	g.open++
+	return s
+}
+
+// removeLocked stops counting an admitted connection.
+func (g *connGate) removeLocked(s *connSlot, a *addrConns) {
+	delete(a.admitted, s)
+	g.total--
+	if len(a.admitted) == 0 {
+		g.holding--
+	}
+}
+
+// closed returns what gives a closing connection's place back.
+func (g *connGate) closed(s *connSlot) func() {
+	return func() {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		g.open--
+		a := g.addrs[s.key]
+		switch {
+		case s.refused != "":
+			a.refused--
+		case !s.evicted:
+			g.removeLocked(s, a)
+		}
+		if len(a.admitted) == 0 && a.refused == 0 {
+			delete(g.addrs, s.key)
+		}
+	}
+}
+
+// counts are the gate's counters: admitted connections, and accepted
+// connections not yet closed.
+func (g *connGate) counts() (admitted, open int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.total, g.open
+}
+
+// gatedListener is the server's listener: every connection it accepts is
+// counted by the gate until it is closed.
+type gatedListener struct {
+	net.Listener
+	gate *connGate
+}
+
+func (l gatedListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if s := l.gate.accept(c); s != nil {
+			return s, nil
+		}
+		c.Close()
+	}
+}
+
+// slotOf returns the gate's record of a connection net/http serves (TLS
+// or not), or nil if it was not accepted through the gate.
+func slotOf(c net.Conn) *connSlot {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	s, _ := c.(*connSlot)
+	return s
+}
+
+// tcpConn returns the TCP connection under c, or nil.
+func tcpConn(c net.Conn) *net.TCPConn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	if s, ok := c.(*connSlot); ok {
+		c = s.Conn
+	}
+	tc, _ := c.(*net.TCPConn)
+	return tc
+}
+
+// connLogsPerSecond bounds the per-connection log lines ("connection
+// opened", "connection closed"): far more than a busy server's real
+// clients cause, and under a flood of connections, at most a few
+// hundred bytes a second on the disk the log shares with the journal.
+const connLogsPerSecond = 100
+
+// logSampler lets through at most connLogsPerSecond lines a second, and
+// says how many it held back.
+type logSampler struct {
+	mu         sync.Mutex
+	second     time.Time // the second being counted
+	n          int       // lines let through in it
+	suppressed int       // lines held back since the last said so
+}
+
+// connLog logs a per-connection line, unless connLogsPerSecond are
+// already logged this second; the first line of a later second is
+// preceded by one saying how many were held back.
+func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
+	s := &srv.connLogs
+	now := time.Now().Truncate(time.Second)
+	s.mu.Lock()
+	if !now.Equal(s.second) {
+		s.second, s.n = now, 0
+	}
+	s.n++
+	if s.n > connLogsPerSecond {
+		s.suppressed++
+		s.mu.Unlock()
+		return
+	}
+	suppressed := s.suppressed
+	s.suppressed = 0
+	s.mu.Unlock()
+	if suppressed > 0 {
+		srv.log.Info("connection log lines suppressed", "lines", suppressed, "limit_per_second", connLogsPerSecond)
+	}
+	logf(msg, args...)
+}
