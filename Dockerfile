@@ -3,7 +3,11 @@
 #
 #   docker build -t wormhole-mailbox .
 #   docker run -d --name wormhole-mailbox --restart=always \
-#       -p 4000:4000 -v wormhole-mailbox:/data wormhole-mailbox
+#       -p 4000:4000 -p 4001:4001 -v wormhole-mailbox:/data wormhole-mailbox
+#
+# Port 4000 is the mailbox (ws://HOST:4000/v1), 4001 the TCP transit relay
+# (hint tcp:HOST:4001). Give `docker stop` time for the relay's shutdown
+# grace: docker stop -t 40.
 #
 # The binary is built by the command the README gives for a binary
 # (a test checks that they agree, and that it makes a static binary).
@@ -24,10 +28,10 @@ COPY --from=build --chown=65532:65532 /data /data
 USER 65532:65532
 WORKDIR /data
 VOLUME /data
-EXPOSE 4000
+EXPOSE 4000 4001
 # /healthz on the metrics listener, which CMD keeps inside the container,
 # answers 200 while the server can do its job.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s \
     CMD ["/usr/local/bin/wormhole-mailbox", "healthcheck", "http://127.0.0.1:9400/healthz"]
 ENTRYPOINT ["/usr/local/bin/wormhole-mailbox"]
-CMD ["--port=tcp:4000", "--channel-db=/data/relay.jsonl", "--usage-db=/data/usage.jsonl", "--blur-usage=3600", "--metrics-listen=127.0.0.1:9400"]
+CMD ["--port=tcp:4000", "--channel-db=/data/relay.jsonl", "--usage-db=/data/usage.jsonl", "--blur-usage=3600", "--transit-port=tcp:4001", "--metrics-listen=127.0.0.1:9400"]

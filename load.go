@@ -18,6 +18,8 @@
 // the end checks that every one of them still answers a ping.
 //
 // Attack mode (--attack NAME) is in attack.go.
+// Transit mode (--transit, and the splice floor, --splice-floor)
+// benchmarks a transit relay instead; it is in load_transit.go.
 package main
 
 import (
@@ -119,8 +121,14 @@ one or the reference, and report throughput, relay latency and, given
 	fs.IntVar(&cfg.attackAddrs, "attack-addrs", -1, "attack from this many loopback addresses (127.0.0.2, ...); -1: the attack's default")
 	fs.IntVar(&cfg.attackConns, "attack-conns", -1, "connections (or nameplates, mailboxes...) per attacking address; -1: the attack's default")
 	fs.BoolVar(&cfg.ownServer, "i-own-this-server", false, "allow --attack against a server that is not on loopback")
+	var tcfg transitLoadConfig
+	addTransitLoadFlags(fs, &tcfg) // load_transit.go
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if tcfg.addr != "" || tcfg.floor != "" {
+		tcfg.pairs, tcfg.pid, tcfg.asJSON = cfg.pairs, cfg.pid, cfg.json
+		return runTransitLoad(ctx, tcfg, stdout, stderr)
 	}
 	if cfg.attack != "" {
 		return runAttack(ctx, cfg, stdout, stderr)

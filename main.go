@@ -16,6 +16,8 @@
 //	stats.go     the "stats" command, which summarises a usage log
 //	load.go      the "load" command, a load driver for benchmarks
 //	attack.go    the load command's attack mode, resource attacks on a server of your own
+//	transit.go   the transit relay, optional: files between clients that
+//	             cannot reach each other
 package main
 
 import (
@@ -135,6 +137,7 @@ type config struct {
 	maxConns          int
 	nameplatesPerMin  int
 	commandsPerSecond int
+	transit           transitConfig // the transit relay (transit.go); off unless a listener is given
 	pruneInterval     time.Duration // pruneInterval unless a test sets another
 	channelExpiry     time.Duration // channelExpiry unless a test sets another
 }
@@ -205,6 +208,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- httpSrv.Serve(ln) }()
 	log.Info("websocket listening", "url", fmt.Sprintf("%s://%s/v1", scheme, ln.Addr()), "version", version)
+	if srv.transit != nil {
+		if err := srv.transit.start(listen); err != nil {
+			httpSrv.Close()
+			return err
+		}
+		if cfg.transit.onMailbox {
+			log.Info("transit websocket listening", "hint", fmt.Sprintf("%s://%s/transit", scheme, ln.Addr()))
+		}
+	}
 	if mln != nil {
 		msrv := &http.Server{Handler: srv.metrics.handler(srv.healthy), ReadHeaderTimeout: readHeaderTimeout,
 			ErrorLog: httpErrorLog(log, srv.blurLogs)}
@@ -224,10 +236,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		break
 	}
 	log.Info("shutting down")
+	transitDone := make(chan struct{})
+	go func() { srv.transit.shutdown(context.Background()); close(transitDone) }() // bounded by --transit-shutdown-grace
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	httpSrv.Shutdown(shutdownCtx) // stops accepting; WebSocket connections are ours to close
 	srv.closeConnections(shutdownCtx)
+	<-transitDone
 	if cerr := srv.close(); err == nil {
 		err = cerr
 	}
@@ -267,7 +282,7 @@ func listen(addr string) (net.Listener, error) {
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
-	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry}
+	cfg := config{limits: defaultLimits, pruneInterval: pruneInterval, channelExpiry: channelExpiry, transit: defaultTransitConfig()}
 	fs := flag.NewFlagSet("wormhole-mailbox", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
@@ -315,6 +330,7 @@ server's where it has them.
 	fs.IntVar(&cfg.maxConns, "max-connections", defaultMaxConns, "most connections open at once in all; 0: no limit")
 	fs.IntVar(&cfg.nameplatesPerMin, "max-new-nameplates-per-ip", defaultNameplatesPerMinute, "most allocates, claims and opens (of new or existing channels) per minute from one IPv4 address or IPv6 /64; 0: no limit")
 	fs.IntVar(&cfg.commandsPerSecond, "max-commands-per-second", commandsPerSecond, "most commands per second one connection may send, after a burst of "+strconv.Itoa(commandBurst)+"; 0: no limit")
+	addTransitFlags(fs, &cfg.transit)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.String("log-fd", "", "ignored; accepted so that reference 0.4.1 command lines work")
 	protocolOption := fs.String("websocket-protocol-option", "", "not supported (the reference's Autobahn `option`s); refused with a reason")
@@ -369,6 +385,9 @@ server's where it has them.
 		if f.value < f.min {
 			return cfg, fmt.Errorf("--%s must be at least %d, not %d", f.name, f.min, f.value)
 		}
+	}
+	if err := cfg.transit.check(); err != nil {
+		return cfg, err
 	}
 	cfg.allowList = !*disallowList
 	return cfg, nil
@@ -518,6 +537,7 @@ func maskAddrs(s string) string { return addrPattern.ReplaceAllLiteralString(s, 
 // log, and the connections using them.
 type server struct {
 	reg         *registry
+	transit     *transitRelay // nil unless the transit relay is on
 	metrics     *metrics
 	gate        *connGate // counts every TCP connection (limits.go)
 	limiter     *limiter
@@ -602,6 +622,9 @@ func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, err
 		}
 	}
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
+	if cfg.transit.enabled() {
+		srv.transit = newTransitRelay(cfg.transit, log, m, usage, srv.blurLogs, srv.clientAddr)
+	}
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {
 		began := time.Now()
@@ -685,13 +708,17 @@ func (srv *server) now() float64 {
 func nowSeconds() float64 { return float64(time.Now().UnixNano()) / 1e9 }
 
 // handler returns the server's HTTP routes: a banner at /, the WebSocket
-// endpoint at /v1 and every path below it (as the reference), and 404
-// elsewhere. The paths are matched as they come, without the cleaning
+// endpoint at /v1 and every path below it (as the reference), with
+// --transit-on-mailbox-port the WebSocket transit relay at /transit and
+// for WebSocket upgrades at /, and 404 elsewhere. The paths are matched as they come, without the cleaning
 // (and redirects) of http.ServeMux.
 func (srv *server) handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Server", srv.serverHeader)
 		switch path := r.URL.Path; {
+		case srv.transit != nil && srv.transit.cfg.onMailbox &&
+			(path == "/transit" || path == "/" && strings.EqualFold(r.Header.Get("Upgrade"), "websocket")):
+			srv.transit.serveWebSocket(w, r) // the WebSocket transit relay (transit.go)
 		case path == "/v1" || strings.HasPrefix(path, "/v1/"):
 			srv.serveWebSocket(w, r)
 		case path != "/":

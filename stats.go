@@ -149,6 +149,7 @@ type statsSummary struct {
 	Clients     clientStats  `json:"clients"`      // binds by client_version
 	HoursUTC    [24]int      `json:"hours_utc"`    // transfers by the hour of the day (UTC) they started
 	Current     *serverState `json:"current"`      // the latest current record; null if none
+	Transit     transitStats `json:"transit"`      // the transit relay's sessions (transit_stats.go)
 
 	waiting, total []float64 // the transfers' times, for the percentiles
 	seen           bool      // a record was counted, so first and last are set
@@ -346,6 +347,13 @@ func (s *statsSummary) add(f *usageFields, cutoff *float64) bool {
 		if s.counts(f.connectTime.v, cutoff) {
 			s.addBind(f.impl, f.version)
 		}
+	case usageTransit:
+		if !f.started.ok || !f.totalTime.ok || !f.mood.ok {
+			return false
+		}
+		if s.counts(f.started.v, cutoff) {
+			s.Transit.add(f)
+		}
 	case usageCurrent:
 		if !f.rebooted.ok || !f.updated.ok {
 			return false
@@ -433,6 +441,8 @@ type usageFields struct {
 	started, totalTime, waitingTime optFloat
 	connectTime, rebooted, updated  optFloat
 	blurTime, connectionsWebsocket  optInt
+	totalBytes                      optFloat // transit records
+	mood                            optBytes // transit records
 }
 
 type (
@@ -475,6 +485,8 @@ func (f *usageFields) parseJSON(line []byte) bool {
 		Updated              *float64 `json:"updated"`
 		BlurTime             *int     `json:"blur_time"`
 		ConnectionsWebsocket *int     `json:"connections_websocket"`
+		TotalBytes           *float64 `json:"total_bytes"`
+		Mood                 *string  `json:"mood"`
 	}
 	if json.Unmarshal(line, &rec) != nil {
 		return false
@@ -501,7 +513,8 @@ func (f *usageFields) parseJSON(line []byte) bool {
 		impl: str(rec.Implementation), version: str(rec.Version),
 		started: num(rec.Started), totalTime: num(rec.TotalTime), waitingTime: num(rec.WaitingTime),
 		connectTime: num(rec.ConnectTime), rebooted: num(rec.Rebooted), updated: num(rec.Updated),
-		blurTime: integer(rec.BlurTime), connectionsWebsocket: integer(rec.ConnectionsWebsocket)}
+		blurTime: integer(rec.BlurTime), connectionsWebsocket: integer(rec.ConnectionsWebsocket),
+		totalBytes: num(rec.TotalBytes), mood: str(rec.Mood)}
 	return true
 }
 
@@ -634,6 +647,10 @@ func (f *usageFields) set(key []byte, kind int, val []byte) bool {
 		return integer(&f.blurTime)
 	case "connections_websocket":
 		return integer(&f.connectionsWebsocket)
+	case "total_bytes":
+		return num(&f.totalBytes)
+	case "mood":
+		return str(&f.mood)
 	case "for_nameplate", "side": // fields no summary uses
 		return true
 	}
@@ -704,6 +721,7 @@ func (s *statsSummary) finish() {
 	}
 	s.Transfers.finish()
 	s.Nameplates.finish()
+	s.Transit.finish()
 	s.WaitingTime = newPercentiles(s.waiting)
 	s.TotalTime = newPercentiles(s.total)
 	s.waiting, s.total = nil, nil
@@ -815,6 +833,11 @@ func (s *statsSummary) writeText(out io.Writer) error {
 		if s.HoursUTC[h] > 0 {
 			fmt.Fprintf(tw, "  %02d:00-%02d:00\t%7d\t%6s\n", h, (h+1)%24, s.HoursUTC[h], formatPercent(percent(s.HoursUTC[h], s.Transfers.Total)))
 		}
+	}
+
+	if s.Transit.Sessions.Total > 0 {
+		section("Transit relay: %d sessions", s.Transit.Sessions.Total)
+		s.Transit.writeText(tw)
 	}
 
 	if c := s.Current; c != nil {
