@@ -472,6 +472,10 @@ func (c *connection) finish(err error) {
 	c.outMu.Unlock()
 	c.disconnected()
 	switch {
+	case c.reason() != nil:
+		// The server ended the connection already (its close is queued,
+		// or it failed) and stopped the reader: what err says is only
+		// that.
 	case errors.Is(err, errOverLimit):
 		c.end(closePolicy, errors.New(c.limitErr))
 	case errors.Is(err, errClientClosed):
@@ -683,14 +687,13 @@ func (c *connection) setMessageDeadline() {
 
 // closeForBudget closes a connection whose partly received message is
 // dropped to make room in the server's budget for them: it is told why,
-// and its reader is given closeTimeout more, so the message's memory is
-// freed soon even if the client reads nothing.
+// and its reader stops at once, so the message's memory is freed at once.
 func (c *connection) closeForBudget() {
 	c.srv.metrics.refused("partly received messages")
 	c.enqueue(errorFrame(errPartialBudget.Error(), jsonNull), 0)
 	c.end(closeTooBig, errPartialBudget)
 	c.outMu.Lock()
-	c.netConn.SetReadDeadline(time.Now().Add(closeTimeout))
+	c.netConn.SetReadDeadline(time.Now())
 	c.outMu.Unlock()
 }
 

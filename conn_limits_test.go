@@ -549,3 +549,19 @@ func TestConnectionRate(t *testing.T) {
 		t.Errorf("refusals counted %v, want 5", v)
 	}
 }
+
+// TestPartialBudgetSmallMessages checks that the small messages of real
+// clients go through while the budget for partly received messages is
+// used up: a message's first chunk is always taken.
+func TestPartialBudgetSmallMessages(t *testing.T) {
+	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) { srv.partial.max = 64 << 10 })
+	hog, _ := mustDialFrom(t, ts.url, dialOptions{from: "127.0.0.2"})
+	writeFrameHeader(hog, true, websocket.TextFrame, 128<<10)
+	hog.raw.Write(make([]byte, 62<<10))
+	waitFor(t, "the budget used up", func() bool { return ts.partial.bytes() >= 62<<10 })
+	a, b := openPair(t, ts, "victim")
+	exchange(t, a, b, 3)
+	if n := ts.partial.bytes(); n < 62<<10 {
+		t.Errorf("partial messages hold %d bytes: the message that uses the budget was dropped for small ones", n)
+	}
+}

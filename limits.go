@@ -23,13 +23,14 @@ const (
 	// maxPartialBytesTotal bounds the memory held by messages that have
 	// begun but not yet fully arrived, across all connections. Real
 	// clients send messages of a few KiB that arrive in one read, so
-	// only a flood of large, slow messages meets it: 64 messages of the
-	// largest size at once. Buffers outgrown while a message arrives are
-	// garbage until the collector runs, so the heap may hold about twice
-	// this; at 64 MiB, 1,024 connections each holding a 512 KiB fragment
-	// took the server to 295 MiB. When it is used up, the connection
-	// holding the most is closed.
-	maxPartialBytesTotal = 32 << 20
+	// only a flood of large, slow messages meets it: 32 messages of the
+	// largest size at once. Buffers outgrown while a message arrives, and
+	// those of connections closed to make room, are garbage until the
+	// collector runs, so the process holds several times this: 1,024
+	// connections each sending a 512 KiB fragment took it to 295 MiB at a
+	// budget of 64 MiB, 191-255 MiB at 32 MiB. When it is used up, the
+	// connection holding the most is closed.
+	maxPartialBytesTotal = 16 << 20
 
 	// messageTimeout is how long a message may take to arrive once its
 	// first frame header has: a message of the largest size takes well
@@ -76,11 +77,12 @@ var errMessageTimeout = errors.New("message not complete in time")
 type partialBudget struct {
 	max int64
 
-	mu      sync.Mutex
-	total   int64
-	held    map[*connection]int64
-	evicted map[*connection]bool // closed for the budget; their charges are already given back
-	onEvict func(*connection)    // closes a connection chosen to make room
+	mu       sync.Mutex
+	total    int64
+	held     map[*connection]int64
+	evicted  map[*connection]bool // closed for the budget, their readers stopping
+	draining int64                // what the evicted hold, until their readers stop
+	onEvict  func(*connection)    // closes a connection chosen to make room
 }
 
 func newPartialBudget(max int64, onEvict func(*connection)) *partialBudget {
@@ -102,20 +104,33 @@ func (b *partialBudget) charge(c *connection, n int) error {
 	if b.evicted[c] {
 		return errPartialBudget
 	}
-	for b.total+int64(n) > b.max {
+	if b.held[c]+int64(n) <= readChunkBytes {
+		// A message's first chunk is always taken, so that the small
+		// messages of real clients go through during a flood; what it
+		// adds past the budget is bounded by the connection caps.
+		b.held[c] += int64(n)
+		b.total += int64(n)
+		return nil
+	}
+	// A connection closed to make room holds its memory until its reader
+	// has stopped, so its charge stays counted until release; only what
+	// the others hold is weighed for closing.
+	for b.total-b.draining+int64(n) > b.max {
 		top, most := c, b.held[c]+int64(n)
 		for v, h := range b.held {
-			if h > most {
+			if h > most && !b.evicted[v] {
 				top, most = v, h
 			}
 		}
 		if top == c {
 			return errPartialBudget
 		}
-		b.total -= b.held[top]
-		delete(b.held, top)
 		b.evicted[top] = true
+		b.draining += b.held[top]
 		victims = append(victims, top)
+	}
+	if b.total+int64(n) > b.max { // room is being made, but is not there yet
+		return errPartialBudget
 	}
 	b.held[c] += int64(n)
 	b.total += int64(n)
@@ -127,6 +142,9 @@ func (b *partialBudget) charge(c *connection, n int) error {
 func (b *partialBudget) release(c *connection) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.evicted[c] {
+		b.draining -= b.held[c]
+	}
 	b.total -= b.held[c]
 	delete(b.held, c)
 	delete(b.evicted, c)
