@@ -1,6 +1,6 @@
 // transit.go owns the transit relay: the optional second service that
 // carries a transfer's bytes when the two clients cannot reach each other
-// directly (PROTOCOL.md, Transit relay). It is off unless asked for, and
+// directly (PROTOCOL.md §16). It is off unless asked for, and
 // then listens for plain TCP (--transit-port), for WebSocket on a port of
 // its own (--transit-websocket), and for WebSocket on the mailbox's own
 // listener, at /transit and on / (--transit-on-mailbox-port).
