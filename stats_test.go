@@ -323,75 +323,41 @@ func BenchmarkStats(b *testing.B) {
 	}
 }
 
-// TestUsageLineParsing checks which lines are usage records, through
-// both readers: the fast one for the server's own lines, and
-// encoding/json for the rest.
+// TestUsageLineParsing checks which lines are usage records.
 func TestUsageLineParsing(t *testing.T) {
 	for _, tc := range []struct {
 		line string
 		ok   bool // a usage record, counted
-		fast bool // read without encoding/json
 	}{
-		{`{"type":"current","rebooted":1,"updated":2,"blur_time":null,"connections_websocket":0}`, true, true},
-		{` { "type" : "current" , "rebooted" : 1.5e3 , "updated" : -0.25E-2 }` + "\r\n", true, true},
-		{`{"type":"client_version","app_id":"a","side":"s","connect_time":1,"implementation":null,"version":"\u00e9"}`, true, false},
-		{`{"type":"client_version","app_id":"é","side":"s","connect_time":1,"implementation":"python","version":"1"}`, true, true},
-		{`{"Type":"current","rebooted":1,"updated":2}`, true, false}, // encoding/json matches keys in any case
-		{`{"type":"current","rebooted":1,"updated":2,"extra":{"a":[1]}}`, true, false},
-		{`{"type":"nameplate","type":"current","rebooted":1,"updated":2}`, true, true}, // the last wins
-		{`{"type":"current","rebooted":"1","updated":2}`, false, false},
-		{`{"type":"current","rebooted":1,"updated":2,"blur_time":1.5}`, false, false},
-		{`{"type":"current","rebooted":01,"updated":2}`, false, false},
-		{`{"type":"current","rebooted":1,"updated":2,}`, false, false},
-		{`{"type":"current","rebooted":1,"updated":2} x`, false, false},
-		{`{"type":"current","rebooted":1e999,"updated":2}`, false, false},
-		{`{"type":"current","rebooted":1,"updated":null}`, false, true},
-		{`{"type":null,"rebooted":1,"updated":2}`, false, false},
-		{"{\"type\":\"current\xff\",\"rebooted\":1,\"updated\":2}", false, false},
-		{`{"type":"mailbox","app_id":"a","started":1,"total_time":2,"waiting_time":null,"result":"happy","for_nameplate":true}`, true, true},
-		{`{"type":"mailbox","app_id":"a","started":1,"total_time":2,"result":"happy"}`, true, true},
-		{`{"type":"mailbox","app_id":"a","started":1,"result":"happy"}`, false, true},
-		{`{}`, false, true},
-		{`{`, false, false},
-		{`"type"`, false, false},
-		{`null`, false, false},
+		{`{"type":"current","rebooted":1,"updated":2,"blur_time":null,"connections_websocket":0}`, true},
+		{` { "type" : "current" , "rebooted" : 1.5e3 , "updated" : -0.25E-2 }` + "\r\n", true},
+		{`{"type":"client_version","app_id":"a","side":"s","connect_time":1,"implementation":null,"version":"\u00e9"}`, true},
+		{`{"type":"client_version","app_id":"é","side":"s","connect_time":1,"implementation":"python","version":"1"}`, true},
+		{`{"Type":"current","rebooted":1,"updated":2}`, true}, // encoding/json matches keys in any case
+		{`{"type":"current","rebooted":1,"updated":2,"extra":{"a":[1]}}`, true},
+		{`{"type":"nameplate","type":"current","rebooted":1,"updated":2}`, true}, // the last wins
+		{`{"type":"current","rebooted":"1","updated":2}`, false},
+		{`{"type":"current","rebooted":1,"updated":2,"blur_time":1.5}`, false},
+		{`{"type":"current","rebooted":01,"updated":2}`, false},
+		{`{"type":"current","rebooted":1,"updated":2,}`, false},
+		{`{"type":"current","rebooted":1,"updated":2} x`, false},
+		{`{"type":"current","rebooted":1e999,"updated":2}`, false},
+		{`{"type":"current","rebooted":1,"updated":null}`, false},
+		{`{"type":null,"rebooted":1,"updated":2}`, false},
+		{"{\"type\":\"current\xff\",\"rebooted\":1,\"updated\":2}", false},
+		{`{"type":"mailbox","app_id":"a","started":1,"total_time":2,"waiting_time":null,"result":"happy","for_nameplate":true}`, true},
+		{`{"type":"mailbox","app_id":"a","started":1,"total_time":2,"result":"happy"}`, true},
+		{`{"type":"mailbox","app_id":"a","started":1,"result":"happy"}`, false},
+		{`{}`, false},
+		{`{`, false},
+		{`"type"`, false},
+		{`null`, false},
 	} {
 		var f usageFields
 		s := &statsSummary{apps: make(map[string]*appStats), impls: make(map[string]*implStats)}
 		ok := f.parse([]byte(tc.line)) && s.add(&f, nil)
-		if fast := f.scanFlat([]byte(tc.line)); ok != tc.ok || fast != tc.fast {
-			t.Errorf("%s: record %v, read fast %v; want %v, %v", tc.line, ok, fast, tc.ok, tc.fast)
+		if ok != tc.ok {
+			t.Errorf("%s: record %v, want %v", tc.line, ok, tc.ok)
 		}
 	}
-}
-
-// FuzzUsageLine checks that whatever the fast reader accepts,
-// encoding/json reads the same way.
-func FuzzUsageLine(f *testing.F) {
-	f.Add(`{"type":"current","rebooted":1,"updated":2,"blur_time":null,"connections_websocket":0}`)
-	f.Add(`{"type":"mailbox","app_id":"a","for_nameplate":true,"started":1.5,"total_time":2e1,"waiting_time":null,"result":"happy"}`)
-	f.Add(`{"type":"client_version","app_id":"a","side":"s","connect_time":-1,"implementation":"python","version":"0.1"}`)
-	f.Add(` {"type" :"x", "blur_time": 12 }`)
-	f.Fuzz(func(t *testing.T, line string) {
-		var fast, slow usageFields
-		if !fast.scanFlat([]byte(line)) {
-			return
-		}
-		if !slow.parseJSON([]byte(line)) {
-			t.Fatalf("%q: read fast, refused by encoding/json", line)
-		}
-		strs := func(f usageFields) string {
-			s := fmt.Sprintf("%q", f.typ)
-			for _, o := range []optBytes{f.appID, f.result, f.impl, f.version} {
-				s += fmt.Sprintf(" %v:%q", o.ok, o.b)
-			}
-			return s
-		}
-		if strs(fast) != strs(slow) ||
-			fast.started != slow.started || fast.totalTime != slow.totalTime || fast.waitingTime != slow.waitingTime ||
-			fast.connectTime != slow.connectTime || fast.rebooted != slow.rebooted || fast.updated != slow.updated ||
-			fast.blurTime != slow.blurTime || fast.connectionsWebsocket != slow.connectionsWebsocket {
-			t.Fatalf("%q: read fast as %+v, by encoding/json as %+v", line, fast, slow)
-		}
-	})
 }
