@@ -169,7 +169,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer srv.close()
+	return srv.serve(ctx, cfg, log)
+}
 
+// serve opens the server's listeners and serves them until ctx ends or a
+// listener fails, then shuts down in order.
+func (srv *server) serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	// SIGHUP is caught from here on, before anything is served, so that a
 	// reload can never find the process unprepared (its default action
 	// would end the process).
@@ -225,17 +230,30 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.Info("metrics listening", "url", fmt.Sprintf("http://%s/debug/vars", mln.Addr()))
 	}
 
+	err = srv.waitForStop(ctx, hup, serveErr, cert)
+	log.Info("shutting down")
+	return srv.shutdown(httpSrv, err)
+}
+
+// waitForStop answers SIGHUP until ctx ends or a listener fails, and
+// returns the listener's error, if one did.
+func (srv *server) waitForStop(ctx context.Context, hup <-chan os.Signal, serveErr <-chan error, cert *certificate) error {
 	for {
 		select {
 		case <-hup:
 			srv.reopen(cert)
-			continue
-		case err = <-serveErr:
+		case err := <-serveErr:
+			return err
 		case <-ctx.Done():
+			return nil
 		}
-		break
 	}
-	log.Info("shutting down")
+}
+
+// shutdown stops accepting, gives transfers their grace and clients their
+// close frames, and closes the journal and usage log; err is why the
+// server stops, if a listener failed.
+func (srv *server) shutdown(httpSrv *http.Server, err error) error {
 	transitDone := make(chan struct{})
 	go func() { srv.transit.shutdown(context.Background()); close(transitDone) }() // bounded by --transit-shutdown-grace
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
