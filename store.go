@@ -93,6 +93,13 @@ const (
 	maxCarryRounds     = 8
 )
 
+// compactSyncBytes is how much of a compaction's file is written between
+// two fsyncs. The file system commits its metadata for all files at once,
+// so an fsync of the journal that comes while a compaction's fsync is
+// flushing tens of megabytes waits for them; in pieces of this size it
+// waits for one at most (a few milliseconds).
+const compactSyncBytes = 1 << 20
+
 // maxSpareBuffer is the largest write buffer the writer keeps for reuse;
 // a larger one, left by a burst, is returned to the garbage collector.
 const maxSpareBuffer = 1 << 20
@@ -148,7 +155,7 @@ type store struct {
 	snapshot func() (data []byte, lsn uint64, taken []byte)
 	// snapshotCarrying returns the live state as journal lines with the
 	// LSN they cover, and starts the carry (see beginCarry).
-	snapshotCarrying func() (data []byte, lsn uint64)
+	snapshotCarrying func() (live liveState, lsn uint64)
 
 	appended   atomic.Uint64 // LSN of the last line appended
 	durable    atomic.Uint64 // LSN of the last line on disk
@@ -238,10 +245,7 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 		compactAt: compactMinBytes, stop: make(chan struct{}), done: make(chan struct{})}
 	s.wake.L, s.advanced.L = &s.mu, &s.mu
 	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
-	s.snapshotCarrying = func() ([]byte, uint64) {
-		live, lsn := reg.liveStateAt(s.beginCarry)
-		return live.encode(), lsn
-	}
+	s.snapshotCarrying = func() (liveState, uint64) { return reg.liveStateAt(s.beginCarry) }
 	if full != nil {
 		s.failLocked(full)
 	}
@@ -919,7 +923,7 @@ func (s *store) startCompaction() {
 // rounds, until what is left is small. The writer goes on appending to
 // the old file all along.
 func (s *store) prepareCompaction() *compaction {
-	data, lsn := s.snapshotCarrying()
+	live, lsn := s.snapshotCarrying()
 	c := &compaction{lsn: lsn}
 	tmp, err := os.CreateTemp(filepath.Dir(s.path), filepath.Base(s.path)+compactSuffix+"*")
 	if err != nil {
@@ -930,7 +934,7 @@ func (s *store) prepareCompaction() *compaction {
 	if c.err = lockFile(tmp); c.err != nil {
 		return c
 	}
-	if c.err = c.add(data); c.err != nil {
+	if c.err = live.encodeEach(c.add); c.err != nil {
 		return c
 	}
 	for range maxCarryRounds {
@@ -949,13 +953,21 @@ func (s *store) prepareCompaction() *compaction {
 	return c
 }
 
-// add appends data to the compaction's file and syncs it.
+// add appends data to the compaction's file and syncs it, in pieces of
+// compactSyncBytes.
 func (c *compaction) add(data []byte) error {
-	if _, err := c.tmp.Write(data); err != nil {
-		return err
+	for len(data) > 0 {
+		n := min(len(data), compactSyncBytes)
+		if _, err := c.tmp.Write(data[:n]); err != nil {
+			return err
+		}
+		c.size += int64(n)
+		data = data[n:]
+		if err := c.tmp.Sync(); err != nil {
+			return err
+		}
 	}
-	c.size += int64(len(data))
-	return c.tmp.Sync()
+	return nil
 }
 
 // discard removes the compaction's file.
@@ -1018,8 +1030,10 @@ func (s *store) install(c *compaction, rest, taken []byte, lsn uint64) error {
 			renamed = true
 			old := s.f
 			s.f = c.tmp
-			old.Close()
 			err = syncDir(filepath.Dir(s.path))
+			// Closing the old file frees its blocks, which takes tens
+			// of milliseconds for a large one: not while replies wait.
+			go old.Close()
 		}
 	}
 	switch {
@@ -1279,7 +1293,28 @@ func (r *registry) liveStateAt(at func() uint64) (live liveState, lsn uint64) {
 
 // encode writes the state as journal lines.
 func (live liveState) encode() []byte {
-	var b []byte
+	var all []byte
+	live.encodeEach(func(b []byte) error {
+		all = append(all, b...)
+		return nil
+	})
+	return all
+}
+
+// encodeEach writes the state as journal lines, handing them to add in
+// pieces of about compactSyncBytes, in one reused buffer: a compaction
+// of tens of megabytes then allocates little, and the garbage collector
+// does not slow the replies meanwhile.
+func (live liveState) encodeEach(add func([]byte) error) error {
+	b := make([]byte, 0, compactSyncBytes+64<<10)
+	flush := func(atLeast int) error {
+		if len(b) < atLeast || len(b) == 0 {
+			return nil
+		}
+		err := add(b)
+		b = b[:0]
+		return err
+	}
 	for _, mb := range live.mailboxes {
 		b = mb.rec.appendLine(b)
 		for _, m := range mb.messages {
@@ -1290,11 +1325,17 @@ func (live liveState) encode() []byte {
 		if n := len(mb.messages); n > 0 && mb.messages[n-1].serverRx != mb.rec.Updated {
 			b = mb.rec.appendLine(b)
 		}
+		if err := flush(compactSyncBytes); err != nil {
+			return err
+		}
 	}
 	for _, rec := range live.nameplates {
 		b = rec.appendLine(b)
+		if err := flush(compactSyncBytes); err != nil {
+			return err
+		}
 	}
-	return b
+	return flush(0)
 }
 
 // restoreLocked applies one journal line to the registry.
