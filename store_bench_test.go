@@ -435,3 +435,31 @@ func BenchmarkCompactionLatency(b *testing.B) {
 	}
 	b.ReportMetric(compacting.Seconds()/float64(b.N), "compaction-s")
 }
+
+// BenchmarkFsync measures this disk's fsync: one journal-sized line
+// appended and synced per op, as the writer does for a batch of one. The
+// figures stand beside the journal's in the README.
+func BenchmarkFsync(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	line := append(bytes.Repeat([]byte("x"), 299), '\n')
+	waits := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := f.Write(line); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		waits = append(waits, time.Since(start))
+	}
+	b.StopTimer()
+	slices.Sort(waits)
+	b.ReportMetric(float64(waits[len(waits)/2])/1e6, "p50-ms")
+	b.ReportMetric(float64(waits[len(waits)*99/100])/1e6, "p99-ms")
+}
