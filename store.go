@@ -748,6 +748,14 @@ func (s *store) waitDurable(lsn uint64, abandon func() bool) error {
 // the journal is closed.
 func (s *store) run() {
 	defer close(s.done)
+	defer func() { // a compaction asked for and never begun
+		s.mu.Lock()
+		for _, w := range s.compactWaiters {
+			w <- compactResult{err: errJournalClosed}
+		}
+		s.compactWaiters = nil
+		s.mu.Unlock()
+	}()
 	for {
 		s.mu.Lock()
 		for !s.hasWorkLocked() {
