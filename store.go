@@ -13,9 +13,18 @@
 // connection sends no frame until the journal is durable up to the LSN the
 // frame depends on, so whatever a client has seen survives kill -9.
 //
-// When most of the file is dead, the writer rewrites it with the live
-// state only, beside the old one, and renames it into place. If that
-// cannot be done the old file is kept and grows.
+// When most of the file is dead, it is compacted without holding up the
+// writer: the live state is snapshotted with the registry locked (which
+// fixes the LSN it covers), and a compaction goroutine writes and fsyncs
+// it to a new file beside the journal while the writer goes on appending
+// to the old one. Every line appended after the snapshot is also kept
+// aside (the carry), and the compactor copies it to the new file as it
+// comes. Last, the writer, between two batches, adds what is left of the
+// carry, fsyncs, and renames the new file into place. Until the rename
+// the old file is the journal and holds every acknowledged line; after
+// it the new one holds the snapshot and every line after it, so a crash
+// at any moment replays to the acknowledged state. If the new file cannot
+// be made the old one is kept and grows.
 //
 // If a write or fsync of the journal fails (the disk is full, say), the
 // journal is unwritable: nothing more is made durable, no frame that
@@ -74,6 +83,23 @@ const compactSuffix = ".compact-"
 // costs one snapshot, as a compaction does.
 const journalRetryInterval = time.Second
 
+// carryHandoverBytes is how small the carry must have become before the
+// compactor hands the new file to the writer, which writes the rest and
+// fsyncs it while replies wait: small enough to cost about one ordinary
+// batch. maxCarryRounds bounds the copying when appends outpace it; the
+// writer then takes what is left, however large.
+const (
+	carryHandoverBytes = 64 << 10
+	maxCarryRounds     = 8
+)
+
+// compactSyncBytes is how much of a compaction's file is written between
+// two fsyncs. The file system commits its metadata for all files at once,
+// so an fsync of the journal that comes while a compaction's fsync is
+// flushing tens of megabytes waits for them; in pieces of this size it
+// waits for one at most (a few milliseconds).
+const compactSyncBytes = 1 << 20
+
 // maxSpareBuffer is the largest write buffer the writer keeps for reuse;
 // a larger one, left by a burst, is returned to the garbage collector.
 const maxSpareBuffer = 1 << 20
@@ -127,6 +153,9 @@ type store struct {
 	// snapshot returns the live state as journal lines with the LSN they
 	// cover, and takes the lines not yet written, which it includes.
 	snapshot func() (data []byte, lsn uint64, taken []byte)
+	// snapshotCarrying returns the live state as journal lines with the
+	// LSN they cover, and starts the carry (see beginCarry).
+	snapshotCarrying func() (live liveState, lsn uint64)
 
 	appended   atomic.Uint64 // LSN of the last line appended
 	durable    atomic.Uint64 // LSN of the last line on disk
@@ -142,6 +171,16 @@ type store struct {
 	closing  bool          // close has begun: the writer writes what is pending and exits
 	stop     chan struct{} // closed when close begins, to end a wait between retries
 	closed   bool          // the writer has exited: nothing appended from now on is written
+
+	carrying  bool        // a compaction is underway: appended lines are also kept in carry
+	carry     []byte      // lines appended since the compaction's snapshot, not yet in its file
+	compacted *compaction // a compaction ready for the writer to finish (or discard)
+	// compactWanted asks the writer for a compaction now; the waiters
+	// are told its outcome.
+	compactWanted  bool
+	compactWaiters []chan compactResult
+
+	compacting bool // a compaction goroutine is running; used by the writer only
 
 	f         *os.File // open, locked, positioned at its end; used by the writer only
 	size      int64    // bytes in f
@@ -206,6 +245,7 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 		compactAt: compactMinBytes, stop: make(chan struct{}), done: make(chan struct{})}
 	s.wake.L, s.advanced.L = &s.mu, &s.mu
 	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
+	s.snapshotCarrying = func() (liveState, uint64) { return reg.liveStateAt(s.beginCarry) }
 	if full != nil {
 		s.failLocked(full)
 	}
@@ -659,7 +699,11 @@ func (s *store) append(rec *record) {
 		return
 	}
 	s.mu.Lock()
+	start := len(s.pending)
 	s.pending = rec.appendLine(s.pending)
+	if s.carrying {
+		s.carry = append(s.carry, s.pending[start:]...)
+	}
 	s.appended.Add(1)
 	s.mu.Unlock()
 	s.wake.Signal()
@@ -698,21 +742,42 @@ func (s *store) waitDurable(lsn uint64, abandon func() bool) error {
 	return errJournalClosed
 }
 
-// run is the writer goroutine: it writes what is pending, in batches, and
-// compacts the file when it has grown enough; while the journal is
-// unwritable it retries. It exits when the journal is closed.
+// run is the writer goroutine: it writes what is pending, in batches,
+// starts a compaction when the file has grown enough and finishes it when
+// it is ready; while the journal is unwritable it retries. It exits when
+// the journal is closed.
 func (s *store) run() {
 	defer close(s.done)
+	defer func() { // a compaction asked for and never begun
+		s.mu.Lock()
+		for _, w := range s.compactWaiters {
+			w <- compactResult{err: errJournalClosed}
+		}
+		s.compactWaiters = nil
+		s.mu.Unlock()
+	}()
 	for {
 		s.mu.Lock()
-		for len(s.pending) == 0 && !s.closing && s.failing == nil {
+		for !s.hasWorkLocked() {
 			s.wake.Wait()
+		}
+		if c := s.compacted; c != nil {
+			s.compacted = nil
+			s.mu.Unlock()
+			s.finishCompaction(c)
+			continue
 		}
 		if s.failing != nil {
 			s.mu.Unlock()
 			if !s.retry() {
 				return // closing, and the journal is still unwritable
 			}
+			continue
+		}
+		if len(s.pending) == 0 && s.compactWanted {
+			s.compactWanted = false
+			s.mu.Unlock()
+			s.startCompaction()
 			continue
 		}
 		if len(s.pending) == 0 {
@@ -733,13 +798,25 @@ func (s *store) run() {
 		}
 		s.finishLocked(lsn, err)
 		s.mu.Unlock()
-		if err == nil && s.size >= s.compactAt {
-			lsn, err := s.compact()
-			s.mu.Lock()
-			s.finishLocked(lsn, err)
-			s.mu.Unlock()
+		if err == nil && s.size >= s.compactAt && !s.compacting {
+			s.startCompaction()
 		}
 	}
+}
+
+// hasWorkLocked reports whether the writer has something to do. While a
+// compaction goroutine runs, neither a retry nor the exit begins: they
+// wait for it to be ready, and then discard it.
+func (s *store) hasWorkLocked() bool {
+	switch {
+	case s.compacted != nil:
+		return true
+	case s.compacting && (s.failing != nil || s.closing && len(s.pending) == 0):
+		return false
+	case s.failing != nil, len(s.pending) > 0, s.closing:
+		return true
+	}
+	return s.compactWanted && !s.compacting
 }
 
 // finishLocked records the outcome of a write and wakes the waiters.
@@ -819,38 +896,194 @@ func (s *store) write(batch []byte) error {
 	return s.f.Sync()
 }
 
-// compact replaces the journal with the live state only, and returns the
-// LSN the journal is then durable up to.
-//
-// The snapshot of the live state includes the lines appended but not yet
-// written, and takes them: they are not written to the old file. If the
-// new file cannot be made (the directory is read-only, say), the old one
-// stays in use, those lines are written to it after all, and compaction
-// is next tried when the file has doubled. Once the new file has replaced
-// the old one, a failure to make that replacement durable makes the
-// journal unwritable: the new file holds lines the old one lacks, and a
-// crash could bring the old one back.
-func (s *store) compact() (uint64, error) {
-	data, lsn, taken := s.snapshot()
-	renamed, err := s.replace(data)
-	switch {
-	case err == nil:
-		s.size = int64(len(data))
-		s.compactAt = max(compactMinBytes, compactFactor*s.size)
-		s.m.compactions.Add(1)
-		s.log.Info("journal compacted", "file", s.path, "bytes", len(data))
-		return lsn, nil
-	case renamed:
-		return 0, fmt.Errorf("compaction: %w", err)
+// compaction is a new journal file being made beside the journal: the
+// snapshot as of LSN lsn and the carry copied so far, size bytes, synced.
+type compaction struct {
+	tmp  *os.File
+	lsn  uint64
+	size int64
+	err  error // the file could not be made; it is discarded
+}
+
+// compactResult is what a compaction asked for by compact gave.
+type compactResult struct {
+	lsn uint64
+	err error
+}
+
+// startCompaction starts a compaction goroutine. It is called by the
+// writer.
+func (s *store) startCompaction() {
+	s.compacting = true
+	go func() {
+		c := s.prepareCompaction()
+		s.mu.Lock()
+		s.compacted = c
+		s.mu.Unlock()
+		s.wake.Signal()
+	}()
+}
+
+// prepareCompaction snapshots the live state (with the registry locked
+// only while it is copied), writes it to a new file beside the journal,
+// locks that file (a server starting must find the new file locked once
+// it takes the name), and syncs it; then copies the carry to it, in
+// rounds, until what is left is small. The writer goes on appending to
+// the old file all along.
+func (s *store) prepareCompaction() *compaction {
+	live, lsn := s.snapshotCarrying()
+	c := &compaction{lsn: lsn}
+	tmp, err := os.CreateTemp(filepath.Dir(s.path), filepath.Base(s.path)+compactSuffix+"*")
+	if err != nil {
+		c.err = err
+		return c
 	}
-	s.log.Error("journal compaction failed; the journal goes on growing", "file", s.path, "err", err)
-	if len(taken) > 0 {
-		if err := s.write(taken); err != nil {
-			return 0, err
+	c.tmp = tmp
+	if c.err = lockFile(tmp); c.err != nil {
+		return c
+	}
+	if c.err = live.encodeEach(c.add); c.err != nil {
+		return c
+	}
+	for range maxCarryRounds {
+		s.mu.Lock()
+		chunk := s.carry
+		s.carry = nil
+		closing := s.closing || s.failing != nil
+		s.mu.Unlock()
+		if closing || len(chunk) == 0 {
+			break
+		}
+		if c.err = c.add(chunk); c.err != nil || len(chunk) < carryHandoverBytes {
+			break
 		}
 	}
+	return c
+}
+
+// add appends data to the compaction's file and syncs it, in pieces of
+// compactSyncBytes.
+func (c *compaction) add(data []byte) error {
+	for len(data) > 0 {
+		n := min(len(data), compactSyncBytes)
+		if _, err := c.tmp.Write(data[:n]); err != nil {
+			return err
+		}
+		c.size += int64(n)
+		data = data[n:]
+		if err := c.tmp.Sync(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// discard removes the compaction's file.
+func (c *compaction) discard() {
+	if c.tmp != nil {
+		c.tmp.Close()
+		os.Remove(c.tmp.Name())
+	}
+}
+
+// finishCompaction is the writer's part of a compaction: it takes what is
+// left of the carry, and the lines not yet written to the old file (they
+// are in the carry), writes them to the new file, syncs it, renames it
+// over the journal and syncs the directory; the journal is then durable
+// up to the last line carried. Replies wait only for this. If the new
+// file cannot be completed, the old one stays in use, the lines taken are
+// written to it after all, and compaction is next tried when the file has
+// doubled. Once the new file has replaced the old one, a failure to make
+// that replacement durable makes the journal unwritable: the new file
+// holds lines the old one lacks, and a crash could bring the old one
+// back. A compaction that is ready while the journal is unwritable, or
+// closing, is discarded.
+func (s *store) finishCompaction(c *compaction) {
+	s.compacting = false
+	s.mu.Lock()
+	rest := s.carry
+	s.carry, s.carrying = nil, false
+	waiters := s.compactWaiters
+	s.compactWaiters = nil
+	var taken []byte
+	lsn := s.durable.Load()
+	abandon := s.failing != nil || s.closing
+	if c.err == nil && !abandon {
+		taken, lsn = s.pending, s.appended.Load()
+		s.pending = nil
+	}
+	s.mu.Unlock()
+	err := c.err
+	if abandon {
+		c.discard()
+		err = errors.Join(err, errors.New("compaction abandoned: the journal is unwritable or closing"))
+	} else {
+		err = s.install(c, rest, taken, lsn)
+	}
+	for _, w := range waiters {
+		w <- compactResult{lsn, err}
+	}
+}
+
+// install completes the compaction's file with rest and renames it in;
+// see finishCompaction.
+func (s *store) install(c *compaction, rest, taken []byte, lsn uint64) error {
+	err := c.err
+	if err == nil && len(rest) > 0 {
+		err = c.add(rest)
+	}
+	renamed := false
+	if err == nil {
+		if err = os.Rename(c.tmp.Name(), s.path); err == nil {
+			renamed = true
+			old := s.f
+			s.f = c.tmp
+			err = syncDir(filepath.Dir(s.path))
+			// Closing the old file frees its blocks, which takes tens
+			// of milliseconds for a large one: not while replies wait.
+			go old.Close()
+		}
+	}
+	switch {
+	case err == nil:
+		s.size = c.size
+		s.compactAt = max(compactMinBytes, compactFactor*s.size)
+		s.m.compactions.Add(1)
+		s.log.Info("journal compacted", "file", s.path, "bytes", s.size)
+		s.mu.Lock()
+		s.finishLocked(lsn, nil)
+		s.mu.Unlock()
+		return nil
+	case renamed:
+		err = fmt.Errorf("compaction: %w", err)
+		s.mu.Lock()
+		s.finishLocked(0, err)
+		s.mu.Unlock()
+		return err
+	}
+	c.discard()
+	s.log.Error("journal compaction failed; the journal goes on growing", "file", s.path, "err", err)
 	s.compactAt = 2 * s.size
-	return lsn, nil
+	if len(taken) > 0 {
+		werr := s.write(taken)
+		s.mu.Lock()
+		s.finishLocked(lsn, werr)
+		s.mu.Unlock()
+	}
+	return err
+}
+
+// compact asks the writer for a compaction now, waits for it, and
+// returns the LSN the journal is then durable up to.
+func (s *store) compact() (uint64, error) {
+	done := make(chan compactResult, 1)
+	s.mu.Lock()
+	s.compactWanted = true
+	s.compactWaiters = append(s.compactWaiters, done)
+	s.mu.Unlock()
+	s.wake.Signal()
+	r := <-done
+	return r.lsn, r.err
 }
 
 // replace writes data to a new file beside the journal, syncs it, locks
@@ -906,6 +1139,16 @@ func (s *store) takePending() ([]byte, uint64) {
 	taken := s.pending
 	s.pending = nil
 	return taken, s.appended.Load()
+}
+
+// beginCarry starts keeping every line appended from now on in the carry,
+// for a compaction, and returns the LSN of the last line appended before.
+// The registry calls it, locked, when it takes a snapshot.
+func (s *store) beginCarry() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.carrying, s.carry = true, nil
+	return s.appended.Load()
 }
 
 // close writes what is pending, syncs (with --fsync=never too), and
@@ -1031,6 +1274,16 @@ type snapshotMailbox struct {
 // liveState copies the registry's state, and takes the lines not yet
 // written, with the registry locked.
 func (r *registry) liveState(s *store) (live liveState, lsn uint64, taken []byte) {
+	live, lsn = r.liveStateAt(func() uint64 {
+		taken, lsn = s.takePending()
+		return lsn
+	})
+	return live, lsn, taken
+}
+
+// liveStateAt copies the registry's state with the registry locked, and
+// calls at, locked too, for the LSN the copy covers.
+func (r *registry) liveStateAt(at func() uint64) (live liveState, lsn uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	live.mailboxes = make([]snapshotMailbox, 0, r.mailboxN)
@@ -1043,13 +1296,33 @@ func (r *registry) liveState(s *store) (live liveState, lsn uint64, taken []byte
 			live.nameplates = append(live.nameplates, nameplateRecord(a, np))
 		}
 	}
-	taken, lsn = s.takePending()
-	return live, lsn, taken
+	return live, at()
 }
 
 // encode writes the state as journal lines.
 func (live liveState) encode() []byte {
-	var b []byte
+	var all []byte
+	live.encodeEach(func(b []byte) error {
+		all = append(all, b...)
+		return nil
+	})
+	return all
+}
+
+// encodeEach writes the state as journal lines, handing them to add in
+// pieces of about compactSyncBytes, in one reused buffer: a compaction
+// of tens of megabytes then allocates little, and the garbage collector
+// does not slow the replies meanwhile.
+func (live liveState) encodeEach(add func([]byte) error) error {
+	b := make([]byte, 0, compactSyncBytes+64<<10)
+	flush := func(atLeast int) error {
+		if len(b) < atLeast || len(b) == 0 {
+			return nil
+		}
+		err := add(b)
+		b = b[:0]
+		return err
+	}
 	for _, mb := range live.mailboxes {
 		b = mb.rec.appendLine(b)
 		for _, m := range mb.messages {
@@ -1060,11 +1333,17 @@ func (live liveState) encode() []byte {
 		if n := len(mb.messages); n > 0 && mb.messages[n-1].serverRx != mb.rec.Updated {
 			b = mb.rec.appendLine(b)
 		}
+		if err := flush(compactSyncBytes); err != nil {
+			return err
+		}
 	}
 	for _, rec := range live.nameplates {
 		b = rec.appendLine(b)
+		if err := flush(compactSyncBytes); err != nil {
+			return err
+		}
 	}
-	return b
+	return flush(0)
 }
 
 // restoreLocked applies one journal line to the registry.

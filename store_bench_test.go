@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -160,6 +161,10 @@ func sessionTransfer(tb testing.TB, srv *server, name int, wait bool) {
 func benchServer(tb testing.TB, path string, fsync bool) *server {
 	cfg := testConfig()
 	cfg.channelDB, cfg.fsync = path, fsync
+	// Room for the replay benchmarks' channels in one app (which may hold
+	// a share of the whole only).
+	cfg.limits.MaxNameplates = max(cfg.limits.MaxNameplates, 4*replayChannels)
+	cfg.limits.MaxMailboxes = max(cfg.limits.MaxMailboxes, 4*replayChannels)
 	srv, err := newServer(cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		tb.Fatal(err)
@@ -339,4 +344,122 @@ func BenchmarkJournalSize(b *testing.B) {
 	b.ReportMetric(float64(srv.metrics.journalBytes.Value())/1e6, "appended-MB")
 	b.ReportMetric(float64(srv.metrics.compactions.Value()), "compactions")
 	b.ReportMetric(float64(srv.metrics.journalBytes.Value())/float64(b.N+waiting), "bytes/transfer")
+}
+
+// BenchmarkCompactionLatency measures how long a reply waits for the
+// journal (an append made durable, as a connection waits before sending)
+// while the journal holding 100k stored messages is compacted, against the
+// same appends without a compaction. Eight goroutines append all along;
+// each op is one compaction. The goal: no wait more than 50 ms longer
+// during a compaction than without.
+func BenchmarkCompactionLatency(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "channel.jsonl")
+	writeReplayJournal(b, path)
+	srv := benchServer(b, path, true)
+	defer srv.close()
+	reg, s := srv.reg, srv.reg.journal
+	mb := &mailbox{app: &app{id: "bench"}, id: "latency"}
+	const appenders = 8
+	// phase runs the appenders until stop is closed, and returns their waits.
+	phase := func(stop <-chan struct{}) []time.Duration {
+		var mu sync.Mutex
+		var waits []time.Duration
+		var wg sync.WaitGroup
+		for range appenders {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var mine []time.Duration
+				for {
+					select {
+					case <-stop:
+						mu.Lock()
+						waits = append(waits, mine...)
+						mu.Unlock()
+						return
+					default:
+					}
+					start := time.Now()
+					reg.mu.Lock()
+					s.message(mb, message{side: "side", phase: "pake", body: pakeBody, serverRx: 1, id: jsonNull})
+					lsn := s.lastLSN()
+					reg.mu.Unlock()
+					if err := s.waitDurable(lsn, nil); err != nil {
+						b.Error(err)
+						return
+					}
+					mine = append(mine, time.Since(start))
+				}
+			}()
+		}
+		wg.Wait()
+		return waits
+	}
+	var without, during []time.Duration
+	var compacting time.Duration
+	b.ResetTimer()
+	for range b.N {
+		stop := make(chan struct{})
+		done := make(chan []time.Duration)
+		go func() { done <- phase(stop) }()
+		start := time.Now()
+		if _, err := s.compact(); err != nil {
+			b.Fatal(err)
+		}
+		took := time.Since(start)
+		compacting += took
+		close(stop)
+		during = append(during, <-done...)
+
+		stop = make(chan struct{})
+		go func() { done <- phase(stop) }()
+		time.Sleep(took) // the same span of appends without a compaction
+		close(stop)
+		without = append(without, <-done...)
+	}
+	b.StopTimer()
+	for _, p := range []struct {
+		name  string
+		waits []time.Duration
+	}{{"without", without}, {"during", during}} {
+		slices.Sort(p.waits)
+		q := func(f float64) float64 {
+			if len(p.waits) == 0 {
+				return 0
+			}
+			return float64(p.waits[int(f*float64(len(p.waits)-1))]) / 1e6
+		}
+		b.ReportMetric(q(0.5), p.name+"-p50-ms")
+		b.ReportMetric(q(0.99), p.name+"-p99-ms")
+		b.ReportMetric(q(1), p.name+"-max-ms")
+	}
+	b.ReportMetric(compacting.Seconds()/float64(b.N), "compaction-s")
+}
+
+// BenchmarkFsync measures this disk's fsync: one journal-sized line
+// appended and synced per op, as the writer does for a batch of one. The
+// figures stand beside the journal's in the README.
+func BenchmarkFsync(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	line := append(bytes.Repeat([]byte("x"), 299), '\n')
+	waits := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := f.Write(line); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		waits = append(waits, time.Since(start))
+	}
+	b.StopTimer()
+	slices.Sort(waits)
+	b.ReportMetric(float64(waits[len(waits)/2])/1e6, "p50-ms")
+	b.ReportMetric(float64(waits[len(waits)*99/100])/1e6, "p99-ms")
 }

@@ -1156,3 +1156,45 @@ func TestRefuseSQLite(t *testing.T) {
 		}
 	}
 }
+
+// TestCompactionWhileAppending compacts the journal again and again while
+// transfers go on changing the registry, so that lines are appended
+// between each compaction's snapshot and its rename and must be carried
+// over; the journal then replays to the registry's state.
+func TestCompactionWhileAppending(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "channel.jsonl")
+	srv := benchServer(t, path, true)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for n := 1; ; n++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			sessionTransfer(t, srv, n, n%3 == 0) // every third left waiting
+		}
+	}()
+	before := srv.metrics.compactions.Value()
+	for range 20 {
+		if _, err := srv.reg.journal.compact(); err != nil {
+			t.Error(err)
+			break
+		}
+	}
+	close(stop)
+	<-done
+	if got := srv.metrics.compactions.Value() - before; got != 20 {
+		t.Errorf("%d compactions counted, want 20", got)
+	}
+	live := stateOf(srv.reg)
+	if err := srv.close(); err != nil {
+		t.Fatal(err)
+	}
+	if live.Mailboxes == 0 {
+		t.Fatal("the transfers left nothing in the registry")
+	}
+	expectState(t, "registry replayed from the journal compacted while appending", live, replayed(t, path))
+}
