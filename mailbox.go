@@ -119,12 +119,6 @@ const (
 	allocateRandomMax   = 999_999
 )
 
-// A protocolError is a refusal that goes back to the client as an "error"
-// message carrying its text. Anything else is an internal error.
-type protocolError string
-
-func (e protocolError) Error() string { return string(e) }
-
 // registry holds all channel state. Methods whose names end in Locked must
 // be called with mu held.
 type registry struct {

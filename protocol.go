@@ -22,6 +22,12 @@ import (
 	"unicode/utf8"
 )
 
+// A protocolError is a refusal that goes back to the client as an "error"
+// message carrying its text. Anything else is an internal error.
+type protocolError string
+
+func (e protocolError) Error() string { return string(e) }
+
 // The reference server's error strings (PROTOCOL.md §7.1), which clients may match.
 const (
 	errMissingType      = protocolError("missing 'type'")
