@@ -386,7 +386,7 @@ func (c *connection) start() error {
 		return errOverLimit
 	}
 	c.outMu.Lock()
-	c.pinger = time.AfterFunc(c.srv.pingInterval, c.ping)
+	c.pinger = time.AfterFunc(c.srv.pingInterval, c.keepalive)
 	c.outMu.Unlock()
 	return nil
 }
@@ -690,8 +690,8 @@ func (c *connection) closeForFairShare() {
 	time.AfterFunc(closeTimeout, func() { c.abort(errFairShare) })
 }
 
-// ping queues a ping, and schedules the next.
-func (c *connection) ping() {
+// keepalive queues a keepalive ping frame, and schedules the next.
+func (c *connection) keepalive() {
 	c.queue(outFrame{opcode: websocket.PingFrame, data: []byte("wormhole")})
 	c.outMu.Lock()
 	if c.pinger != nil && !c.closing {

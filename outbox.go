@@ -168,19 +168,19 @@ func (c *connection) release(lsn uint64) {
 func (c *connection) startWriterLocked() {
 	if !c.flushing && !c.held && len(c.outbox) > 0 {
 		c.flushing = true
-		go c.flush()
+		go c.runWriter()
 	}
 }
 
-// flush is the writer goroutine: it writes the outbox until it is empty
+// runWriter is the writer goroutine: it writes the outbox until it is empty
 // (or held).
-func (c *connection) flush() {
+func (c *connection) runWriter() {
 	for {
 		c.outMu.Lock()
-		batch := c.outbox
-		if len(batch) == 0 || c.held {
+		frames := c.outbox
+		if len(frames) == 0 || c.held {
 			c.flushing = false
-			if c.flushDone != nil && len(batch) == 0 {
+			if c.flushDone != nil && len(frames) == 0 {
 				close(c.flushDone)
 				c.flushDone = nil
 			}
@@ -189,7 +189,7 @@ func (c *connection) flush() {
 		}
 		c.outbox, c.sending, c.outBytes = nil, c.outBytes, 0
 		c.outMu.Unlock()
-		err := c.writeBatch(batch)
+		err := c.writeBatch(frames)
 		c.outMu.Lock()
 		c.srv.outboxBytes.Add(-int64(c.sending))
 		c.sending = 0
@@ -205,13 +205,13 @@ func (c *connection) flush() {
 // writeBatch sends a batch of frames, once the journal holds what they
 // report; while the journal is unwritable, the batch waits unless the
 // connection is closing.
-func (c *connection) writeBatch(batch []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(batchLSN(batch), c.isClosing); err != nil {
+func (c *connection) writeBatch(frames []outFrame) error {
+	if err := c.srv.reg.journal.waitDurable(batchLSN(frames), c.isClosing); err != nil {
 		return err
 	}
 	c.batch.begin()
 	closing := false
-	for _, f := range batch {
+	for _, f := range frames {
 		if c.srv.logMessages && f.opcode == websocket.TextFrame {
 			c.srv.log.Info("send", "client", c.srv.logAddr(c.addr), logFrame(f.data))
 		}
@@ -236,9 +236,9 @@ func (c *connection) writeBatch(batch []outFrame) error {
 // frames'. It is not always the last frame's: pings, pongs and close
 // frames depend on nothing (their lsn is 0), and one may be queued after a
 // message that does.
-func batchLSN(batch []outFrame) uint64 {
+func batchLSN(frames []outFrame) uint64 {
 	var lsn uint64
-	for _, f := range batch {
+	for _, f := range frames {
 		lsn = max(lsn, f.lsn)
 	}
 	return lsn

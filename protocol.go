@@ -437,9 +437,9 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	typ := msg.typ()
 	switch typ {
 	case "ping":
-		return s.ping(msg)
+		return s.handlePing(msg)
 	case "bind":
-		return s.bind(msg, now)
+		return s.handleBind(msg, now)
 	}
 	if !s.bound {
 		return errMustBind
@@ -455,22 +455,22 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 		s.send(nameplatesFrame(s.srv.reg.listLocked(s.appID)))
 		return nil
 	case "allocate":
-		return s.allocate(now)
+		return s.handleAllocate(now)
 	case "claim":
-		return s.claim(msg, now)
+		return s.handleClaim(msg, now)
 	case "release":
-		return s.release(msg, now)
+		return s.handleRelease(msg, now)
 	case "open":
-		return s.open(msg, now)
+		return s.handleOpen(msg, now)
 	case "add":
-		return s.add(msg, now)
+		return s.handleAdd(msg, now)
 	case "close":
-		return s.close(msg, now)
+		return s.handleClose(msg, now)
 	}
 	return errUnknownType
 }
 
-func (s *session) ping(msg clientMessage) error {
+func (s *session) handlePing(msg clientMessage) error {
 	if !msg.has("ping") {
 		return errPingRequiresPing
 	}
@@ -479,7 +479,7 @@ func (s *session) ping(msg clientMessage) error {
 	return nil
 }
 
-func (s *session) bind(msg clientMessage, now float64) error {
+func (s *session) handleBind(msg clientMessage, now float64) error {
 	switch {
 	case s.bound:
 		return errAlreadyBound
@@ -505,7 +505,7 @@ func (s *session) bind(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) allocate(now float64) error {
+func (s *session) handleAllocate(now float64) error {
 	if s.didAllocate {
 		return errGreedy
 	}
@@ -521,7 +521,7 @@ func (s *session) allocate(now float64) error {
 	return nil
 }
 
-func (s *session) claim(msg clientMessage, now float64) error {
+func (s *session) handleClaim(msg clientMessage, now float64) error {
 	if !msg.has("nameplate") {
 		return errClaimNameplate
 	}
@@ -552,7 +552,7 @@ func (s *session) claim(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) release(msg clientMessage, now float64) error {
+func (s *session) handleRelease(msg clientMessage, now float64) error {
 	if s.didRelease {
 		return errOneRelease
 	}
@@ -575,7 +575,7 @@ func (s *session) release(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) open(msg clientMessage, now float64) error {
+func (s *session) handleOpen(msg clientMessage, now float64) error {
 	if s.mailbox != nil {
 		return errOneOpen
 	}
@@ -612,7 +612,7 @@ func (s *session) open(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) add(msg clientMessage, now float64) error {
+func (s *session) handleAdd(msg clientMessage, now float64) error {
 	switch {
 	case s.mailbox == nil:
 		return errAddBeforeOpen
@@ -636,7 +636,7 @@ func (s *session) add(msg clientMessage, now float64) error {
 	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id}, s.holder())
 }
 
-func (s *session) close(msg clientMessage, now float64) error {
+func (s *session) handleClose(msg clientMessage, now float64) error {
 	if s.didClose {
 		return errOneClose
 	}
