@@ -306,13 +306,13 @@ func (a *attacker) drain(c *attackConn) {
 // runAttack is the load command's --attack mode.
 func runAttack(ctx context.Context, cfg loadConfig, stdout, stderr io.Writer) error {
 	res, err := driveAttack(ctx, cfg, stderr)
-	if err != nil {
+	switch {
+	case err != nil:
 		return err
-	}
-	if cfg.json {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(res)
+	case cfg.json:
+		b, _ := json.MarshalIndent(res, "", "  ") // a result of plain fields: it cannot fail
+		_, err = fmt.Fprintf(stdout, "%s\n", b)
+		return err
 	}
 	printAttackResult(stdout, res)
 	return nil
@@ -932,18 +932,26 @@ var attackFuncs = map[string]func(a *attacker){
 func headerHold(a *attacker) {
 	header := attackFrameHeader(true, attackOpText, attackAnnounced)
 	a.forEach(a.conns, func(ip net.IP, _, _ int) {
-		c, err := a.dial(ip, 0)
-		if err != nil {
-			return
+		if c := a.dialHolding(ip, header); c != nil {
+			a.spawn(func() { a.drain(c) })
 		}
-		if c.write(header) != nil || !a.hold(c) {
-			c.Close()
-			return
-		}
-		a.sent.Add(1)
-		a.spawn(func() { a.drain(c) })
 	})
 	a.ready()
+}
+
+// dialHolding opens a connection from ip, sends frame on it and holds it,
+// counting the frame sent; it returns nil if any of that failed.
+func (a *attacker) dialHolding(ip net.IP, frame []byte) *attackConn {
+	c, err := a.dial(ip, 0)
+	if err != nil {
+		return nil
+	}
+	if c.write(frame) != nil || !a.hold(c) {
+		c.Close()
+		return nil
+	}
+	a.sent.Add(1)
+	return c
 }
 
 // fragmentHold: each connection sends a non-final 512 KiB fragment of an
@@ -955,15 +963,10 @@ func fragmentHold(a *attacker) {
 	var mu sync.Mutex
 	var conns []*attackConn
 	a.forEach(a.conns, func(ip net.IP, _, _ int) {
-		c, err := a.dial(ip, 0)
-		if err != nil {
+		c := a.dialHolding(ip, fragment)
+		if c == nil {
 			return
 		}
-		if c.write(fragment) != nil || !a.hold(c) {
-			c.Close()
-			return
-		}
-		a.sent.Add(1)
 		mu.Lock()
 		conns = append(conns, c)
 		mu.Unlock()

@@ -755,20 +755,16 @@ func isNetClose(err error) bool {
 // carries both ends' addresses, which must not reach either (so a
 // --blur-usage log names no client, and the counter does not grow a
 // key per client).
-func readFailure(err error) error {
-	switch {
-	case isTimeout(err):
-		return errClientIdle
-	case isNetClose(err):
-		return errClientGone
-	}
-	return err
-}
+func readFailure(err error) error { return netFailure(err, errClientIdle) }
 
-func writeFailure(err error) error {
+func writeFailure(err error) error { return netFailure(err, errSlowClient) }
+
+// netFailure is timedOut if err is a timeout, errClientGone if the
+// connection went away, and err otherwise.
+func netFailure(err, timedOut error) error {
 	switch {
 	case isTimeout(err):
-		return errSlowClient
+		return timedOut
 	case isNetClose(err):
 		return errClientGone
 	}

@@ -556,18 +556,9 @@ func (s *session) handleRelease(msg clientMessage, now float64) error {
 	if s.didRelease {
 		return errOneRelease
 	}
-	name := s.claimed
-	if msg.has("nameplate") {
-		given, err := msg.str("nameplate", maxNameplateLen)
-		if s.didClaim && (err != nil || given != s.claimed) {
-			return errReleaseMismatch // checked first, as the reference does
-		}
-		if err != nil {
-			return err
-		}
-		name = given
-	} else if !s.didClaim {
-		return errReleaseNoClaim
+	name, err := namedOrEarlier(msg, "nameplate", maxNameplateLen, s.didClaim, s.claimed, errReleaseMismatch, errReleaseNoClaim)
+	if err != nil {
+		return err
 	}
 	s.srv.reg.releaseLocked(s.appID, name, s.side, now)
 	s.didRelease = true
@@ -640,22 +631,12 @@ func (s *session) handleClose(msg clientMessage, now float64) error {
 	if s.didClose {
 		return errOneClose
 	}
-	id := s.mailboxID
-	if msg.has("mailbox") {
-		given, err := msg.str("mailbox", maxTokenLen)
-		if s.opened && (err != nil || given != s.mailboxID) {
-			return errCloseMismatch // checked first, as the reference does
-		}
-		if err != nil {
-			return err
-		}
-		id = given
-	} else if !s.opened {
-		return errCloseNoOpen
+	id, err := namedOrEarlier(msg, "mailbox", maxTokenLen, s.opened, s.mailboxID, errCloseMismatch, errCloseNoOpen)
+	if err != nil {
+		return err
 	}
 	var mood string
 	if v, ok := msg.get("mood"); ok && !bytes.Equal(v, jsonNull) {
-		var err error
 		if mood, err = msg.str("mood", maxTokenLen); err != nil {
 			return err
 		}
@@ -678,6 +659,24 @@ func (s *session) handleClose(msg clientMessage, now float64) error {
 	reg.dropIfEmptyLocked(a)
 	s.send(closedFrame())
 	return nil
+}
+
+// namedOrEarlier is what a release or close names (PROTOCOL.md §5.6,
+// §5.9): the value of key, which must be the one this connection named
+// earlier if it did (mismatch, checked first, as the reference does); or,
+// if key is absent, that earlier one, which must exist (none).
+func namedOrEarlier(msg clientMessage, key string, maxLen int, did bool, earlier string, mismatch, none protocolError) (string, error) {
+	if !msg.has(key) {
+		if !did {
+			return "", none
+		}
+		return earlier, nil
+	}
+	given, err := msg.str(key, maxLen)
+	if did && (err != nil || given != earlier) {
+		return "", mismatch
+	}
+	return given, err
 }
 
 // holder is the address what this connection's side takes is charged to.
