@@ -451,7 +451,7 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 		}
 	}
 	switch typ {
-	case "list":
+	case "list": // PROTOCOL.md §5.3: every nameplate of the app, sorted; none with --disallow-list
 		s.send(nameplatesFrame(s.srv.reg.listLocked(s.appID)))
 		return nil
 	case "allocate":
@@ -470,6 +470,8 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	return errUnknownType
 }
 
+// handlePing answers a ping (PROTOCOL.md §5.2), bound or not: it refuses
+// a ping without 'ping', and echoes the value in a pong.
 func (s *session) handlePing(msg clientMessage) error {
 	if !msg.has("ping") {
 		return errPingRequiresPing
@@ -479,6 +481,10 @@ func (s *session) handlePing(msg clientMessage) error {
 	return nil
 }
 
+// handleBind binds the connection to an app and side (PROTOCOL.md §5.1),
+// refusing in order: a second bind, no 'appid', no 'side', then (this
+// server only) a non-string or too long appid or side and a malformed
+// client_version; then it writes the client_version usage record (§11.3).
 func (s *session) handleBind(msg clientMessage, now float64) error {
 	switch {
 	case s.bound:
@@ -505,6 +511,10 @@ func (s *session) handleBind(msg clientMessage, now float64) error {
 	return nil
 }
 
+// handleAllocate picks and claims a free nameplate (PROTOCOL.md §5.4,
+// §8.1), refusing in order: a second allocate, then (this server only) an
+// address over its rate or holdings (§15.2), and no free nameplate or no
+// room for one.
 func (s *session) handleAllocate(now float64) error {
 	if s.didAllocate {
 		return errGreedy
@@ -521,6 +531,11 @@ func (s *session) handleAllocate(now float64) error {
 	return nil
 }
 
+// handleClaim claims a nameplate for this side (PROTOCOL.md §5.5, §8.2),
+// refusing in order: no 'nameplate', a second claim, (this server only) a
+// name that is not 1 to 40 digits and an address over its rate or
+// holdings; from there the claim is used up, and the registry may answer
+// reclaimed or crowded (§10.1).
 func (s *session) handleClaim(msg clientMessage, now float64) error {
 	if !msg.has("nameplate") {
 		return errClaimNameplate
@@ -552,6 +567,9 @@ func (s *session) handleClaim(msg clientMessage, now float64) error {
 	return nil
 }
 
+// handleRelease releases this side's nameplate (PROTOCOL.md §5.6, §8.3),
+// refusing in order: a second release, a name other than the one claimed
+// (checked before the name's own type), no name and no earlier claim.
 func (s *session) handleRelease(msg clientMessage, now float64) error {
 	if s.didRelease {
 		return errOneRelease
@@ -566,6 +584,11 @@ func (s *session) handleRelease(msg clientMessage, now float64) error {
 	return nil
 }
 
+// handleOpen opens a mailbox and subscribes the connection to it
+// (PROTOCOL.md §5.7, §9.1), refusing in order: a mailbox already open
+// here, no 'mailbox', (this server only) a non-string or too long id, an
+// address over its rate or holdings, too many connections of this side
+// on it; then the registry may answer crowded (§10.1).
 func (s *session) handleOpen(msg clientMessage, now float64) error {
 	if s.mailbox != nil {
 		return errOneOpen
@@ -603,6 +626,10 @@ func (s *session) handleOpen(msg clientMessage, now float64) error {
 	return nil
 }
 
+// handleAdd stores a message and delivers it to every subscriber, the
+// sender included (PROTOCOL.md §5.8, §9.2), refusing in order: no open
+// mailbox, no 'phase', no 'body', (this server only) a non-string phase or
+// body and a too long phase, then the registry's limits on messages.
 func (s *session) handleAdd(msg clientMessage, now float64) error {
 	switch {
 	case s.mailbox == nil:
@@ -627,6 +654,11 @@ func (s *session) handleAdd(msg clientMessage, now float64) error {
 	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id}, s.holder())
 }
 
+// handleClose closes this side's mailbox with its mood (PROTOCOL.md §5.9,
+// §9.3, §10.2), refusing in order: a second close, a mailbox other than
+// the one opened (checked first), no mailbox and no earlier open, (this
+// server only) a bad mood; a close of a mailbox not open here opens it
+// first, so a third side gets crowded.
 func (s *session) handleClose(msg clientMessage, now float64) error {
 	if s.didClose {
 		return errOneClose
