@@ -253,12 +253,6 @@ func (r *registry) dropIfEmptyLocked(a *app) {
 	}
 }
 
-// nameplateExistsLocked reports whether the app has a nameplate of this name.
-func (r *registry) nameplateExistsLocked(appID, name string) bool {
-	a := r.apps[appID]
-	return a != nil && a.nameplates[name] != nil
-}
-
 // nameplateHasSideLocked reports whether side is recorded on the app's
 // nameplate of this name. The protocol asks it only of a nameplate the
 // connection was given, so it tells nothing about others.

@@ -558,14 +558,9 @@ type server struct {
 	closed       atomic.Bool
 }
 
-// newServer opens the journal and usage log, replays the journal, and
-// prunes what expired while the server was down.
-func newServer(cfg config, log *slog.Logger) (*server, error) {
-	return openServer(context.Background(), cfg, log)
-}
-
-// openServer is newServer, stopping the replay of the journal when ctx
-// ends (a long one can take seconds, and SIGTERM must work meanwhile).
+// openServer opens the journal and usage log, replays the journal
+// (stopping when ctx ends: a long replay can take seconds, and SIGTERM
+// must work meanwhile), and prunes what expired while the server was down.
 func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
