@@ -1,7 +1,7 @@
 // quota.go owns what each client address holds in the registry at once:
 // the nameplates its sides have claimed, the mailboxes its sides have
 // open, and the bytes of the messages its sides have stored. The creation
-// rate (limiter in conn.go) bounds how fast an address takes state; these
+// rate (limiter in limits.go) bounds how fast an address takes state; these
 // holdings bound how much of it the address keeps, so that no handful of
 // addresses can fill a server-wide pool (see limits in mailbox.go for the
 // arithmetic behind the defaults).
