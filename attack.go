@@ -262,15 +262,6 @@ func (a *attacker) closeHeld() {
 	}
 }
 
-// spawn runs f in a goroutine the attack waits for.
-func (a *attacker) spawn(f func()) {
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		f()
-	}()
-}
-
 // forEach runs f for every (address, i < n) with attackParallel at once,
 // stopping early when the attack ends, and returns when all have run.
 func (a *attacker) forEach(n int, f func(ip net.IP, addr, i int)) {
@@ -278,14 +269,12 @@ func (a *attacker) forEach(n int, f func(ip net.IP, addr, i int)) {
 	total := int64(len(a.addrs) * n)
 	var wg sync.WaitGroup
 	for range min(attackParallel, int(total)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for k := next.Add(1) - 1; k < total && !a.stopped(); k = next.Add(1) - 1 {
 				addr := int(k) % len(a.addrs) // spread over addresses as they ramp up
 				f(a.addrs[addr], addr, int(k)/len(a.addrs))
 			}
-		}()
+		})
 	}
 	wg.Wait()
 }
@@ -385,7 +374,7 @@ func driveAttack(ctx context.Context, cfg loadConfig, progress io.Writer) (attac
 	res.TCPMemBase = sockstatTCPMem()
 	start := time.Now()
 	fmt.Fprintf(progress, "attack %s: %s, from %d addresses x %d\n", cfg.attack, def.about, cfg.attackAddrs, cfg.attackConns)
-	a.spawn(func() { attackFuncs[cfg.attack](a) })
+	a.wg.Go(func() { attackFuncs[cfg.attack](a) })
 	select {
 	case <-a.readyCh:
 	case <-time.After(attackSetupTimeout):
@@ -469,9 +458,7 @@ func runVictim(ctx context.Context, d *loadDialer, pairs int, duration time.Dura
 		wg        sync.WaitGroup
 	)
 	for p := range pairs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := 0; time.Now().Before(deadline) && ctx.Err() == nil; i++ {
 				lat, err := transfer(d, fmt.Sprintf("v%d-%d", p, i))
 				mu.Lock()
@@ -492,7 +479,7 @@ func runVictim(ctx context.Context, d *loadDialer, pairs int, duration time.Dura
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	res.Seconds = time.Since(start).Seconds()
@@ -635,20 +622,11 @@ func (a *attacker) dialTCP(ip net.IP, rcvbuf int) (net.Conn, error) {
 // dial opens a WebSocket connection from ip and completes the handshake;
 // it counts the connection as opened or failed.
 func (a *attacker) dial(ip net.IP, rcvbuf int) (*attackConn, error) {
-	c, err := a.dialWS(ip, rcvbuf)
+	nc, err := a.dialTCP(ip, rcvbuf)
 	if err != nil {
 		if !a.stopped() {
 			a.failed.Add(1)
 		}
-		return nil, err
-	}
-	a.opened.Add(1)
-	return c, nil
-}
-
-func (a *attacker) dialWS(ip net.IP, rcvbuf int) (*attackConn, error) {
-	nc, err := a.dialTCP(ip, rcvbuf)
-	if err != nil {
 		return nil, err
 	}
 	var key [16]byte
@@ -667,9 +645,13 @@ func (a *attacker) dialWS(ip net.IP, rcvbuf int) (*attackConn, error) {
 	}
 	if err != nil {
 		nc.Close()
+		if !a.stopped() {
+			a.failed.Add(1)
+		}
 		return nil, err
 	}
 	nc.SetDeadline(time.Time{})
+	a.opened.Add(1)
 	return &attackConn{nc: nc, br: br}, nil
 }
 
@@ -933,7 +915,7 @@ func headerHold(a *attacker) {
 	header := attackFrameHeader(true, attackOpText, attackAnnounced)
 	a.forEach(a.conns, func(ip net.IP, _, _ int) {
 		if c := a.dialHolding(ip, header); c != nil {
-			a.spawn(func() { a.drain(c) })
+			a.wg.Go(func() { a.drain(c) })
 		}
 	})
 	a.ready()
@@ -970,11 +952,11 @@ func fragmentHold(a *attacker) {
 		mu.Lock()
 		conns = append(conns, c)
 		mu.Unlock()
-		a.spawn(func() { a.drain(c) })
+		a.wg.Go(func() { a.drain(c) })
 	})
 	a.ready()
 	ping := attackFrame(true, attackOpPing, []byte("hold"))
-	a.spawn(func() {
+	a.wg.Go(func() {
 		t := time.NewTicker(attackPingInterval)
 		defer t.Stop()
 		for {
@@ -1027,7 +1009,7 @@ func httpKeepalive(a *attacker) {
 		if !a.hold(nc) {
 			return
 		}
-		a.spawn(func() {
+		a.wg.Go(func() {
 			if _, err := br.ReadByte(); err != nil && !a.stopped() {
 				a.serverClosed.Add(1)
 			}
@@ -1046,7 +1028,7 @@ func connFill(a *attacker) {
 		if !a.hold(c) {
 			return
 		}
-		a.spawn(func() { a.drain(c) })
+		a.wg.Go(func() { a.drain(c) })
 	})
 	a.ready()
 }
@@ -1089,9 +1071,7 @@ func storeFill(a *attacker) {
 	var stored atomic.Int64
 	var wg sync.WaitGroup
 	for k, ip := range a.addrs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := 0; i < a.conns && !a.stopped(); i++ {
 				c, err := a.welcomed(ip, attackApp(fmt.Sprintf("store-fill-%d", i%4)), "filler", 0)
 				if err != nil {
@@ -1108,7 +1088,7 @@ func storeFill(a *attacker) {
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	a.note("%d bodies of up to %d KiB accepted", stored.Load(), attackBodyLen>>10)
@@ -1143,7 +1123,7 @@ func nameplateFill(a *attacker) {
 	})
 	a.note("%d nameplates claimed", claimed.Load())
 	a.ready()
-	a.spawn(func() {
+	a.wg.Go(func() {
 		for {
 			select {
 			case <-time.After(attackReclaimInterval):
@@ -1176,7 +1156,7 @@ func pingFlood(a *attacker) {
 			return
 		}
 		a.sent.Add(pingFloodBatch)
-		a.spawn(func() {
+		a.wg.Go(func() {
 			for !a.stopped() {
 				if c.write(batch) != nil {
 					return
@@ -1184,7 +1164,7 @@ func pingFlood(a *attacker) {
 				a.sent.Add(pingFloodBatch)
 			}
 		})
-		a.spawn(func() {
+		a.wg.Go(func() {
 			for {
 				m, err := c.read()
 				if err != nil {
@@ -1201,7 +1181,7 @@ func pingFlood(a *attacker) {
 		})
 	})
 	a.ready()
-	a.spawn(func() {
+	a.wg.Go(func() {
 		<-a.stop
 		a.note("%d pongs in %.1f s", pongs.Load(), time.Since(start).Seconds())
 	})
@@ -1214,9 +1194,7 @@ func noRead(a *attacker) {
 	app := attackApp("no-read")
 	var wg sync.WaitGroup
 	for k, ip := range a.addrs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			mailbox := fmt.Sprintf("nr-%d", k)
 			c, err := a.welcomed(ip, app, "feeder", 0)
 			if err != nil {
@@ -1230,7 +1208,7 @@ func noRead(a *attacker) {
 				a.account(err)
 			}
 			a.note("%s: %d bodies of %d KiB", mailbox, n, attackBodyLen>>10)
-			a.spawn(func() { a.drain(c) })
+			a.wg.Go(func() { a.drain(c) })
 			for range a.conns {
 				if a.stopped() {
 					return
@@ -1245,7 +1223,7 @@ func noRead(a *attacker) {
 				}
 				a.sent.Add(1)
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	a.ready()
@@ -1272,7 +1250,7 @@ func bindFlood(a *attacker) {
 				c.Close()
 			}
 			first.Add(1)
-			a.spawn(func() {
+			a.wg.Go(func() {
 				bind(0)
 				first.Done()
 				for i := 1; !a.stopped(); i++ {
@@ -1283,7 +1261,7 @@ func bindFlood(a *attacker) {
 	}
 	first.Wait()
 	a.ready()
-	a.spawn(func() {
+	a.wg.Go(func() {
 		<-a.stop
 		a.note("%d binds in %.1f s", binds.Load(), time.Since(start).Seconds())
 	})

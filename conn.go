@@ -267,7 +267,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		srv.connWG.Done()
 		if c.ws != nil {
 			srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
-				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", writeFailure(err))
+				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", netFailure(err, errSlowClient))
 		}
 		return
 	}
@@ -477,7 +477,7 @@ func (c *connection) finish(err error) {
 	case !isNetClose(err):
 		c.end(closeInternalFail, err)
 	default:
-		c.abort(readFailure(err)) // the client went away, or the server cut it off
+		c.abort(netFailure(err, errClientIdle)) // the client went away, or the server cut it off
 	}
 	c.waitFlushed()
 	c.outMu.Lock()
@@ -750,17 +750,12 @@ func isNetClose(err error) bool {
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || isTimeout(err) || errors.As(err, &opErr)
 }
 
-// readFailure and writeFailure name why reading from or writing to a
-// client failed, for the log and the "dropped" counter. A network error
-// carries both ends' addresses, which must not reach either (so a
-// --blur-usage log names no client, and the counter does not grow a
-// key per client).
-func readFailure(err error) error { return netFailure(err, errClientIdle) }
-
-func writeFailure(err error) error { return netFailure(err, errSlowClient) }
-
-// netFailure is timedOut if err is a timeout, errClientGone if the
-// connection went away, and err otherwise.
+// netFailure names why reading from or writing to a client failed, for
+// the log and the "dropped" counter: timedOut (errClientIdle for a read,
+// errSlowClient for a write) if err is a timeout, errClientGone if the
+// connection went away, and err otherwise. A network error carries both
+// ends' addresses, which must not reach either (so a --blur-usage log
+// names no client, and the counter does not grow a key per client).
 func netFailure(err, timedOut error) error {
 	switch {
 	case isTimeout(err):

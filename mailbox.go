@@ -393,13 +393,10 @@ func (r *registry) claimLocked(appID, name, side string, addr netip.Addr, now fl
 // nameplate is deleted; its mailbox stays until its sides close it.
 func (r *registry) releaseLocked(appID, name, side string, now float64) {
 	a := r.apps[appID]
-	if a == nil {
+	if a == nil || a.nameplates[name] == nil {
 		return
 	}
 	np := a.nameplates[name]
-	if np == nil {
-		return
-	}
 	i := slices.IndexFunc(np.sides, func(s nameplateSide) bool { return s.side == side })
 	if i < 0 {
 		return

@@ -194,7 +194,7 @@ func (c *connection) runWriter() {
 		c.srv.outboxBytes.Add(-int64(c.sending))
 		c.sending = 0
 		if err != nil {
-			c.failLocked(writeFailure(err))
+			c.failLocked(netFailure(err, errSlowClient))
 		} else {
 			c.refreshQueuedLocked()
 		}
@@ -206,7 +206,14 @@ func (c *connection) runWriter() {
 // report; while the journal is unwritable, the batch waits unless the
 // connection is closing.
 func (c *connection) writeBatch(frames []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(batchLSN(frames), c.isClosing); err != nil {
+	// The batch depends on the highest of its frames' journal positions,
+	// not always the last one's: pings, pongs and close frames depend on
+	// nothing (their lsn is 0), and one may be queued after a message.
+	var lsn uint64
+	for _, f := range frames {
+		lsn = max(lsn, f.lsn)
+	}
+	if err := c.srv.reg.journal.waitDurable(lsn, c.isClosing); err != nil {
 		return err
 	}
 	c.batch.begin()
@@ -230,18 +237,6 @@ func (c *connection) writeBatch(frames []outFrame) error {
 		c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
 	}
 	return nil
-}
-
-// batchLSN is the journal position a batch depends on: the highest of its
-// frames'. It is not always the last frame's: pings, pongs and close
-// frames depend on nothing (their lsn is 0), and one may be queued after a
-// message that does.
-func batchLSN(frames []outFrame) uint64 {
-	var lsn uint64
-	for _, f := range frames {
-		lsn = max(lsn, f.lsn)
-	}
-	return lsn
 }
 
 // writeFrame encodes one frame into the batch being written.
