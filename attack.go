@@ -714,7 +714,6 @@ func (c *attackConn) send(format string, args ...any) error {
 // attackMsg holds the fields of a server message an attack looks at.
 type attackMsg struct {
 	loadMsg
-	Pong    json.RawMessage `json:"pong"`
 	Welcome struct {
 		Error string `json:"error"`
 	} `json:"welcome"`

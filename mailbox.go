@@ -2,7 +2,7 @@
 // stored message, and which connections are subscribed to which mailbox.
 // One mutex guards all of it. Nothing here touches the network: sending is
 // done by handing encoded frames to a connection's outbox, which never
-// blocks (see conn.go).
+// blocks (see outbox.go).
 //
 // The rules are the reference server's (PROTOCOL.md §8, §9, §10, §12):
 // a nameplate is a short name pointing at one mailbox; a mailbox holds an

@@ -8,7 +8,8 @@
 // flags. The files, read in this order, tell the whole story:
 //
 //	main.go      the process: flags, HTTP routes, pruning, signals
-//	conn.go      one WebSocket connection: frames in, frames out, keepalive
+//	conn.go      one WebSocket connection: frames in, keepalive, closing
+//	outbox.go    its frames out, in order, once the journal holds them
 //	protocol.go  the messages and each connection's state machine
 //	mailbox.go   the registry of apps, nameplates, mailboxes and messages
 //	store.go     the journal that makes the registry survive a restart
@@ -81,7 +82,7 @@ const (
 	shutdownTimeout = 10 * time.Second
 )
 
-// Default connection limits (see limiter in conn.go). Per address: far
+// Default connection limits (see limiter in limits.go). Per address: far
 // more than the people behind one address use at once, far less than a
 // flood. In all: 5,000 transfers under way at once, and at about 10 KiB
 // each (a goroutine, buffers, a kernel socket) a tenth of a 1 GiB machine.

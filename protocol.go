@@ -12,6 +12,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -333,7 +334,7 @@ func validNameplate(name string) bool {
 }
 
 // A sender takes a session's encoded frames in order. In the server it is
-// the connection's outbox (conn.go); lsn is the journal position the frame
+// the connection's outbox (outbox.go); lsn is the journal position the frame
 // depends on, and the frame must not reach the client before the journal
 // is durable up to it. While a message is handled the sender is held:
 // nothing leaves until release says what the frames depend on.
@@ -494,12 +495,9 @@ func (s *session) handleBind(msg clientMessage, now float64) error {
 	case !msg.has("side"):
 		return errBindSide
 	}
-	appID, err := msg.str("appid", maxAppIDLen)
-	if err != nil {
-		return err
-	}
-	side, err := msg.str("side", maxTokenLen)
-	if err != nil {
+	appID, appErr := msg.str("appid", maxAppIDLen)
+	side, sideErr := msg.str("side", maxTokenLen)
+	if err := cmp.Or(appErr, sideErr); err != nil { // the first, in the order checked
 		return err
 	}
 	impl, version, err := msg.clientVersion()
@@ -639,12 +637,9 @@ func (s *session) handleAdd(msg clientMessage, now float64) error {
 	case !msg.has("body"):
 		return errMissingBody
 	}
-	phase, err := msg.str("phase", maxTokenLen)
-	if err != nil {
-		return err
-	}
-	body, err := msg.str("body", math.MaxInt)
-	if err != nil {
+	phase, phaseErr := msg.str("phase", maxTokenLen)
+	body, bodyErr := msg.str("body", math.MaxInt)
+	if err := cmp.Or(phaseErr, bodyErr); err != nil { // the first, in the order checked
 		return err
 	}
 	id, _ := msg.get("id")
@@ -716,7 +711,7 @@ func (s *session) holder() netip.Addr { return addrKey(s.addr.ip) }
 
 // admitLocked decides whether the connection may take more channel
 // state: want must fit in what its address may hold (quota.go), and the
-// address's allowance of new channels (limiter in conn.go) must have room
+// address's allowance of new channels (limiter in limits.go) must have room
 // for one more, else the refusal is rateErr.
 func (s *session) admitLocked(want holdings, rateErr protocolError) error {
 	if err := s.srv.reg.roomForAddrLocked(s.holder(), want); err != nil {
