@@ -1,6 +1,8 @@
 // limits.go owns the server-wide budgets that connections share: the
-// budget for partly received messages, and the limiter of connections
-// and new nameplates per client address.
+// budget for partly received messages, the gate that counts every TCP
+// connection and shares the server fairly among addresses, the sampling
+// of per-connection log lines, and the limiter of connections and new
+// nameplates per client address.
 package main
 
 import (
@@ -456,7 +458,7 @@ func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
 }
 
 // limiter enforces the limits per client address that the connection
-// gate (limits.go) cannot: how many connections may be open at once from
+// gate (connGate) cannot: how many connections may be open at once from
 // one address a trusted proxy reports (--trust-proxy-header), and how
 // many new nameplates one address may create per minute. An IPv6 client
 // is counted by its /64, since one host usually has a whole /64 to pick
