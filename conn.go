@@ -263,7 +263,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	ws.ServeHTTP(&hijacked{conn: &c.handover, rw: rw}, handshakeRequest(r))
 	if err := c.batch.end(); err != nil || c.ws == nil { // failed, or refused (and x/net's answer sent)
 		netConn.Close()
-		srv.release(c)
+		srv.dismiss(c)
 		srv.connWG.Done()
 		if c.ws != nil {
 			srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
@@ -503,7 +503,7 @@ func (c *connection) finish(err error) {
 // come between its fragments.
 func (c *connection) readMessage() ([]byte, error) {
 	var msg []byte
-	defer c.srv.partial.release(c)
+	defer c.srv.partial.refund(c)
 	started := false
 	for {
 		if !started {

@@ -121,9 +121,9 @@ func (b *partialBudget) charge(c *connection, n int) error {
 	return nil
 }
 
-// release gives back what c's message holds; the message is complete, or
+// refund gives back what c's message holds; the message is complete, or
 // its read failed.
-func (b *partialBudget) release(c *connection) {
+func (b *partialBudget) refund(c *connection) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.total -= b.held[c]

@@ -401,7 +401,7 @@ func (r *registry) releaseLocked(appID, name, side string, now float64) {
 	if i < 0 {
 		return
 	}
-	r.releaseClaimLocked(&np.sides[i])
+	r.refundClaimLocked(&np.sides[i])
 	np.sides[i].claimed = false
 	if slices.ContainsFunc(np.sides, func(s nameplateSide) bool { return s.claimed }) {
 		r.journal.nameplate(a, np)
@@ -579,7 +579,7 @@ func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
 	if i < 0 {
 		return
 	}
-	r.releaseOpenLocked(&mb.sides[i])
+	r.refundOpenLocked(&mb.sides[i])
 	mb.sides[i].opened = false
 	mb.sides[i].mood = mood
 	if slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.opened }) {
@@ -623,7 +623,7 @@ func (r *registry) forgetMailboxLocked(mb *mailbox) {
 		r.subscriptions--
 	}
 	mb.subscribers = nil
-	r.releaseMailboxLocked(mb)
+	r.refundMailboxLocked(mb)
 	delete(a.mailboxes, mb.id)
 	mb.deleted = true
 	r.mailboxN--
@@ -652,7 +652,7 @@ func (r *registry) point(np *nameplate, mb *mailbox) {
 }
 
 func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
-	r.releaseNameplateLocked(np)
+	r.refundNameplateLocked(np)
 	delete(a.nameplates, np.name)
 	a.short[shortName(np.name)]--
 	if np.mailbox.nameplate == np {

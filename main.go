@@ -741,9 +741,9 @@ func (srv *server) admit(c *connection, slot *connSlot) string {
 	return why
 }
 
-// release undoes admit. The gate's count is given back when the
+// dismiss undoes admit. The gate's count is given back when the
 // connection is closed.
-func (srv *server) release(c *connection) {
+func (srv *server) dismiss(c *connection) {
 	if c.byHeader {
 		srv.limiter.disconnect(c.addr.ip)
 	}
@@ -780,7 +780,7 @@ func (srv *server) untrack(c *connection) {
 	srv.connsMu.Lock()
 	delete(srv.conns, c)
 	srv.connsMu.Unlock()
-	srv.release(c)
+	srv.dismiss(c)
 	srv.connWG.Done()
 }
 
