@@ -262,15 +262,6 @@ func (a *attacker) closeHeld() {
 	}
 }
 
-// spawn runs f in a goroutine the attack waits for.
-func (a *attacker) spawn(f func()) {
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		f()
-	}()
-}
-
 // forEach runs f for every (address, i < n) with attackParallel at once,
 // stopping early when the attack ends, and returns when all have run.
 func (a *attacker) forEach(n int, f func(ip net.IP, addr, i int)) {
@@ -278,14 +269,12 @@ func (a *attacker) forEach(n int, f func(ip net.IP, addr, i int)) {
 	total := int64(len(a.addrs) * n)
 	var wg sync.WaitGroup
 	for range min(attackParallel, int(total)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for k := next.Add(1) - 1; k < total && !a.stopped(); k = next.Add(1) - 1 {
 				addr := int(k) % len(a.addrs) // spread over addresses as they ramp up
 				f(a.addrs[addr], addr, int(k)/len(a.addrs))
 			}
-		}()
+		})
 	}
 	wg.Wait()
 }
@@ -306,13 +295,13 @@ func (a *attacker) drain(c *attackConn) {
 // runAttack is the load command's --attack mode.
 func runAttack(ctx context.Context, cfg loadConfig, stdout, stderr io.Writer) error {
 	res, err := driveAttack(ctx, cfg, stderr)
-	if err != nil {
+	switch {
+	case err != nil:
 		return err
-	}
-	if cfg.json {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(res)
+	case cfg.json:
+		b, _ := json.MarshalIndent(res, "", "  ") // a result of plain fields: it cannot fail
+		_, err = fmt.Fprintf(stdout, "%s\n", b)
+		return err
 	}
 	printAttackResult(stdout, res)
 	return nil
@@ -385,7 +374,7 @@ func driveAttack(ctx context.Context, cfg loadConfig, progress io.Writer) (attac
 	res.TCPMemBase = sockstatTCPMem()
 	start := time.Now()
 	fmt.Fprintf(progress, "attack %s: %s, from %d addresses x %d\n", cfg.attack, def.about, cfg.attackAddrs, cfg.attackConns)
-	a.spawn(func() { attackFuncs[cfg.attack](a) })
+	a.wg.Go(func() { attackFuncs[cfg.attack](a) })
 	select {
 	case <-a.readyCh:
 	case <-time.After(attackSetupTimeout):
@@ -469,9 +458,7 @@ func runVictim(ctx context.Context, d *loadDialer, pairs int, duration time.Dura
 		wg        sync.WaitGroup
 	)
 	for p := range pairs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := 0; time.Now().Before(deadline) && ctx.Err() == nil; i++ {
 				lat, err := transfer(d, fmt.Sprintf("v%d-%d", p, i))
 				mu.Lock()
@@ -492,7 +479,7 @@ func runVictim(ctx context.Context, d *loadDialer, pairs int, duration time.Dura
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	res.Seconds = time.Since(start).Seconds()
@@ -635,20 +622,11 @@ func (a *attacker) dialTCP(ip net.IP, rcvbuf int) (net.Conn, error) {
 // dial opens a WebSocket connection from ip and completes the handshake;
 // it counts the connection as opened or failed.
 func (a *attacker) dial(ip net.IP, rcvbuf int) (*attackConn, error) {
-	c, err := a.dialWS(ip, rcvbuf)
+	nc, err := a.dialTCP(ip, rcvbuf)
 	if err != nil {
 		if !a.stopped() {
 			a.failed.Add(1)
 		}
-		return nil, err
-	}
-	a.opened.Add(1)
-	return c, nil
-}
-
-func (a *attacker) dialWS(ip net.IP, rcvbuf int) (*attackConn, error) {
-	nc, err := a.dialTCP(ip, rcvbuf)
-	if err != nil {
 		return nil, err
 	}
 	var key [16]byte
@@ -667,9 +645,13 @@ func (a *attacker) dialWS(ip net.IP, rcvbuf int) (*attackConn, error) {
 	}
 	if err != nil {
 		nc.Close()
+		if !a.stopped() {
+			a.failed.Add(1)
+		}
 		return nil, err
 	}
 	nc.SetDeadline(time.Time{})
+	a.opened.Add(1)
 	return &attackConn{nc: nc, br: br}, nil
 }
 
@@ -732,7 +714,6 @@ func (c *attackConn) send(format string, args ...any) error {
 // attackMsg holds the fields of a server message an attack looks at.
 type attackMsg struct {
 	loadMsg
-	Pong    json.RawMessage `json:"pong"`
 	Welcome struct {
 		Error string `json:"error"`
 	} `json:"welcome"`
@@ -932,18 +913,26 @@ var attackFuncs = map[string]func(a *attacker){
 func headerHold(a *attacker) {
 	header := attackFrameHeader(true, attackOpText, attackAnnounced)
 	a.forEach(a.conns, func(ip net.IP, _, _ int) {
-		c, err := a.dial(ip, 0)
-		if err != nil {
-			return
+		if c := a.dialHolding(ip, header); c != nil {
+			a.wg.Go(func() { a.drain(c) })
 		}
-		if c.write(header) != nil || !a.hold(c) {
-			c.Close()
-			return
-		}
-		a.sent.Add(1)
-		a.spawn(func() { a.drain(c) })
 	})
 	a.ready()
+}
+
+// dialHolding opens a connection from ip, sends frame on it and holds it,
+// counting the frame sent; it returns nil if any of that failed.
+func (a *attacker) dialHolding(ip net.IP, frame []byte) *attackConn {
+	c, err := a.dial(ip, 0)
+	if err != nil {
+		return nil
+	}
+	if c.write(frame) != nil || !a.hold(c) {
+		c.Close()
+		return nil
+	}
+	a.sent.Add(1)
+	return c
 }
 
 // fragmentHold: each connection sends a non-final 512 KiB fragment of an
@@ -955,23 +944,18 @@ func fragmentHold(a *attacker) {
 	var mu sync.Mutex
 	var conns []*attackConn
 	a.forEach(a.conns, func(ip net.IP, _, _ int) {
-		c, err := a.dial(ip, 0)
-		if err != nil {
+		c := a.dialHolding(ip, fragment)
+		if c == nil {
 			return
 		}
-		if c.write(fragment) != nil || !a.hold(c) {
-			c.Close()
-			return
-		}
-		a.sent.Add(1)
 		mu.Lock()
 		conns = append(conns, c)
 		mu.Unlock()
-		a.spawn(func() { a.drain(c) })
+		a.wg.Go(func() { a.drain(c) })
 	})
 	a.ready()
 	ping := attackFrame(true, attackOpPing, []byte("hold"))
-	a.spawn(func() {
+	a.wg.Go(func() {
 		t := time.NewTicker(attackPingInterval)
 		defer t.Stop()
 		for {
@@ -1024,7 +1008,7 @@ func httpKeepalive(a *attacker) {
 		if !a.hold(nc) {
 			return
 		}
-		a.spawn(func() {
+		a.wg.Go(func() {
 			if _, err := br.ReadByte(); err != nil && !a.stopped() {
 				a.serverClosed.Add(1)
 			}
@@ -1043,7 +1027,7 @@ func connFill(a *attacker) {
 		if !a.hold(c) {
 			return
 		}
-		a.spawn(func() { a.drain(c) })
+		a.wg.Go(func() { a.drain(c) })
 	})
 	a.ready()
 }
@@ -1086,9 +1070,7 @@ func storeFill(a *attacker) {
 	var stored atomic.Int64
 	var wg sync.WaitGroup
 	for k, ip := range a.addrs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := 0; i < a.conns && !a.stopped(); i++ {
 				c, err := a.welcomed(ip, attackApp(fmt.Sprintf("store-fill-%d", i%4)), "filler", 0)
 				if err != nil {
@@ -1105,7 +1087,7 @@ func storeFill(a *attacker) {
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	a.note("%d bodies of up to %d KiB accepted", stored.Load(), attackBodyLen>>10)
@@ -1140,7 +1122,7 @@ func nameplateFill(a *attacker) {
 	})
 	a.note("%d nameplates claimed", claimed.Load())
 	a.ready()
-	a.spawn(func() {
+	a.wg.Go(func() {
 		for {
 			select {
 			case <-time.After(attackReclaimInterval):
@@ -1173,7 +1155,7 @@ func pingFlood(a *attacker) {
 			return
 		}
 		a.sent.Add(pingFloodBatch)
-		a.spawn(func() {
+		a.wg.Go(func() {
 			for !a.stopped() {
 				if c.write(batch) != nil {
 					return
@@ -1181,7 +1163,7 @@ func pingFlood(a *attacker) {
 				a.sent.Add(pingFloodBatch)
 			}
 		})
-		a.spawn(func() {
+		a.wg.Go(func() {
 			for {
 				m, err := c.read()
 				if err != nil {
@@ -1198,7 +1180,7 @@ func pingFlood(a *attacker) {
 		})
 	})
 	a.ready()
-	a.spawn(func() {
+	a.wg.Go(func() {
 		<-a.stop
 		a.note("%d pongs in %.1f s", pongs.Load(), time.Since(start).Seconds())
 	})
@@ -1211,9 +1193,7 @@ func noRead(a *attacker) {
 	app := attackApp("no-read")
 	var wg sync.WaitGroup
 	for k, ip := range a.addrs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			mailbox := fmt.Sprintf("nr-%d", k)
 			c, err := a.welcomed(ip, app, "feeder", 0)
 			if err != nil {
@@ -1227,7 +1207,7 @@ func noRead(a *attacker) {
 				a.account(err)
 			}
 			a.note("%s: %d bodies of %d KiB", mailbox, n, attackBodyLen>>10)
-			a.spawn(func() { a.drain(c) })
+			a.wg.Go(func() { a.drain(c) })
 			for range a.conns {
 				if a.stopped() {
 					return
@@ -1242,7 +1222,7 @@ func noRead(a *attacker) {
 				}
 				a.sent.Add(1)
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	a.ready()
@@ -1269,7 +1249,7 @@ func bindFlood(a *attacker) {
 				c.Close()
 			}
 			first.Add(1)
-			a.spawn(func() {
+			a.wg.Go(func() {
 				bind(0)
 				first.Done()
 				for i := 1; !a.stopped(); i++ {
@@ -1280,7 +1260,7 @@ func bindFlood(a *attacker) {
 	}
 	first.Wait()
 	a.ready()
-	a.spawn(func() {
+	a.wg.Go(func() {
 		<-a.stop
 		a.note("%d binds in %.1f s", binds.Load(), time.Since(start).Seconds())
 	})

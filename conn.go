@@ -1,19 +1,13 @@
 // conn.go owns one WebSocket connection's life: the upgrade, the reading
-// of frames, the queue of frames to send, keepalive pings, and closing.
+// of frames, keepalive pings, the command budget, closing, and the
+// message log (--log-messages). The frames it sends wait in its outbox
+// (outbox.go).
 //
 // A mailbox server mostly holds idle connections (a sender waits minutes
 // for its receiver), so an idle connection is kept cheap: one goroutine,
 // started fresh after the handshake so its stack holds only the read it
-// waits in, and two small buffers.
-//
-// Each connection has exactly one goroutine that reads it. Frames to send
-// are appended to the connection's outbox, which never blocks: a writer
-// goroutine is started when the outbox gets its first frame and exits when
-// it is empty. It writes everything queued in one system call. Frames
-// leave in the order they were queued, and none leaves before the journal
-// holds what it reports (store.go). A client that does not keep up, so
-// that its outbox outgrows its limit, is disconnected; it never slows
-// anyone else.
+// waits in, and two small buffers. Each connection has exactly one
+// goroutine that reads it.
 //
 // golang.org/x/net/websocket does the opening handshake and reads and
 // writes single frames. Two things it does not do are done here: it gives
@@ -184,13 +178,6 @@ func (a clientAddr) String() string {
 	return netip.AddrPortFrom(a.ip, a.port).String()
 }
 
-// outFrame is one frame waiting in an outbox.
-type outFrame struct {
-	opcode byte   // websocket.TextFrame, PingFrame, PongFrame or CloseFrame
-	data   []byte // the payload
-	lsn    uint64 // the journal position that must be durable first
-}
-
 // connection is one client's WebSocket connection.
 type connection struct {
 	session // the protocol state (protocol.go)
@@ -276,11 +263,11 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	ws.ServeHTTP(&hijacked{conn: &c.handover, rw: rw}, handshakeRequest(r))
 	if err := c.batch.end(); err != nil || c.ws == nil { // failed, or refused (and x/net's answer sent)
 		netConn.Close()
-		srv.release(c)
+		srv.dismiss(c)
 		srv.connWG.Done()
 		if c.ws != nil {
 			srv.connLog(srv.log.Info, "connection closed", "client", srv.logAddr(c.addr),
-				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", writeFailure(err))
+				"duration", time.Since(c.openedAt).Round(time.Millisecond), "reason", netFailure(err, errSlowClient))
 		}
 		return
 	}
@@ -399,7 +386,7 @@ func (c *connection) start() error {
 		return errOverLimit
 	}
 	c.outMu.Lock()
-	c.pinger = time.AfterFunc(c.srv.pingInterval, c.ping)
+	c.pinger = time.AfterFunc(c.srv.pingInterval, c.keepalive)
 	c.outMu.Unlock()
 	return nil
 }
@@ -494,7 +481,7 @@ func (c *connection) finish(err error) {
 	case !isNetClose(err):
 		c.end(closeInternalFail, err)
 	default:
-		c.abort(readFailure(err)) // the client went away, or the server cut it off
+		c.abort(netFailure(err, errClientIdle)) // the client went away, or the server cut it off
 	}
 	c.waitFlushed()
 	c.outMu.Lock()
@@ -520,7 +507,7 @@ func (c *connection) finish(err error) {
 // come between its fragments.
 func (c *connection) readMessage() ([]byte, error) {
 	var msg []byte
-	defer c.srv.partial.release(c)
+	defer c.srv.partial.refund(c)
 	started := false
 	for {
 		if !started {
@@ -706,276 +693,14 @@ func (c *connection) closeForFairShare() {
 	time.AfterFunc(closeTimeout, func() { c.abort(errFairShare) })
 }
 
-// ping queues a ping, and schedules the next.
-func (c *connection) ping() {
+// keepalive queues a keepalive ping frame, and schedules the next.
+func (c *connection) keepalive() {
 	c.queue(outFrame{opcode: websocket.PingFrame, data: []byte("wormhole")})
 	c.outMu.Lock()
 	if c.pinger != nil && !c.closing {
 		c.pinger.Reset(c.srv.pingInterval)
 	}
 	c.outMu.Unlock()
-}
-
-// enqueue queues a text frame; it is the session's sender.
-func (c *connection) enqueue(frame []byte, lsn uint64) {
-	c.queue(outFrame{opcode: websocket.TextFrame, data: frame, lsn: lsn})
-}
-
-// queue adds a frame to the outbox and makes sure a writer runs. It never
-// blocks on the network, so it may be called with the registry locked.
-func (c *connection) queue(f outFrame) {
-	c.outMu.Lock()
-	defer c.outMu.Unlock()
-	if c.closing {
-		return
-	}
-	if err := c.reserveLocked(len(f.data)); err != nil {
-		c.failLocked(err)
-		return
-	}
-	if c.held {
-		c.heldBytes += len(f.data)
-	}
-	c.outbox = append(c.outbox, f)
-	c.outBytes += len(f.data)
-	if f.opcode == websocket.CloseFrame {
-		c.closing = true
-	}
-	c.startWriterLocked()
-}
-
-// reserveLocked counts n more bytes waiting for this client, against its
-// own limit and, beyond its reserve, the server's. What waits includes
-// what the kernel still holds in the socket's send buffer (see
-// refreshQueuedLocked), read again before a reservation is refused, as
-// the client may have read it since.
-func (c *connection) reserveLocked(n int) error {
-	for refreshed := false; ; refreshed = true {
-		held := c.outBytes + c.sending + c.queued
-		total := c.srv.outboxBytes.Add(int64(n))
-		err := error(nil)
-		switch {
-		case held+n > c.srv.maxOutboxBytes:
-			err = errSlowClient
-		case held+n > outboxReserveBytes && total > c.srv.maxOutboxTotalBytes:
-			c.srv.startOutboxEviction()
-			if total > c.srv.maxOutboxTotalBytes+c.srv.maxOutboxTotalBytes/outboxSlackDivisor {
-				err = errOutboxesFull
-			}
-		}
-		if err == nil {
-			return nil
-		}
-		c.srv.outboxBytes.Add(-int64(n))
-		if refreshed || c.queued == 0 {
-			return err
-		}
-		c.refreshQueuedLocked()
-	}
-}
-
-// startOutboxEviction starts evictLargestOutbox, unless it is running.
-// It never blocks, so it may be called with a connection's or the
-// registry's lock held.
-func (srv *server) startOutboxEviction() {
-	if srv.evicting.CompareAndSwap(false, true) {
-		go srv.evictLargestOutbox()
-	}
-}
-
-// evictLargestOutbox disconnects the connection with the most bytes
-// waiting for it, if all outboxes together hold more than
-// maxOutboxTotalBytes: the pool is shared fairly, so clients that stop
-// reading lose their place before one that reads. It takes the
-// connections' lock before each connection's own, as shutdown does.
-func (srv *server) evictLargestOutbox() {
-	defer srv.evicting.Store(false)
-	if srv.outboxBytes.Load() <= srv.maxOutboxTotalBytes {
-		return
-	}
-	srv.connsMu.Lock()
-	defer srv.connsMu.Unlock()
-	var largest *connection
-	most := 0
-	for c := range srv.conns {
-		c.outMu.Lock()
-		if held := c.outBytes + c.sending + c.queued; held > most && !c.closing {
-			largest, most = c, held
-		}
-		c.outMu.Unlock()
-	}
-	if largest != nil {
-		srv.metrics.refused("outboxes full")
-		largest.abort(errOutboxesFull)
-	}
-}
-
-// refreshQueuedLocked reads how many bytes the kernel still holds in the
-// socket's send buffer for this client (sent but not acknowledged, or not
-// yet sent), and counts them as waiting. A client that stops reading
-// fills its socket's buffer before its outbox, and the kernel accepts
-// writes into it; uncounted, 768 such clients pinned 736 MiB of kernel
-// memory.
-func (c *connection) refreshQueuedLocked() {
-	if c.rawConn == nil || c.closing {
-		return
-	}
-	q := sendQueued(c.rawConn)
-	c.srv.outboxBytes.Add(int64(q - c.queued))
-	c.queued = q
-}
-
-// forgetQueuedLocked stops counting the socket's send buffer: the
-// connection is closing.
-func (c *connection) forgetQueuedLocked() {
-	c.srv.outboxBytes.Add(-int64(c.queued))
-	c.queued = 0
-}
-
-// hold keeps the writer from taking frames until release. While a client
-// message is handled, its ack is queued first, before the changes it
-// acknowledges are journaled; held, it cannot leave before them.
-func (c *connection) hold() {
-	c.outMu.Lock()
-	c.held = true
-	c.outMu.Unlock()
-}
-
-// release lets the writer take the frames queued, which may depend on the
-// journal up to lsn.
-func (c *connection) release(lsn uint64) {
-	c.outMu.Lock()
-	defer c.outMu.Unlock()
-	c.held = false
-	for i := range c.outbox {
-		c.outbox[i].lsn = max(c.outbox[i].lsn, lsn)
-	}
-	c.startWriterLocked()
-}
-
-func (c *connection) startWriterLocked() {
-	if !c.flushing && !c.held && len(c.outbox) > 0 {
-		c.flushing = true
-		go c.flush()
-	}
-}
-
-// flush is the writer goroutine: it writes the outbox until it is empty
-// (or held).
-func (c *connection) flush() {
-	for {
-		c.outMu.Lock()
-		batch := c.outbox
-		if len(batch) == 0 || c.held {
-			c.flushing = false
-			if c.flushDone != nil && len(batch) == 0 {
-				close(c.flushDone)
-				c.flushDone = nil
-			}
-			c.outMu.Unlock()
-			return
-		}
-		c.outbox, c.sending, c.outBytes = nil, c.outBytes, 0
-		c.outMu.Unlock()
-		err := c.writeBatch(batch)
-		c.outMu.Lock()
-		c.srv.outboxBytes.Add(-int64(c.sending))
-		c.sending = 0
-		if err != nil {
-			c.failLocked(writeFailure(err))
-		} else {
-			c.refreshQueuedLocked()
-		}
-		c.outMu.Unlock()
-	}
-}
-
-// writeBatch sends a batch of frames, once the journal holds what they
-// report; while the journal is unwritable, the batch waits unless the
-// connection is closing.
-func (c *connection) writeBatch(batch []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(batchLSN(batch), c.isClosing); err != nil {
-		return err
-	}
-	c.batch.begin()
-	closing := false
-	for _, f := range batch {
-		if c.srv.logMessages && f.opcode == websocket.TextFrame {
-			c.srv.log.Info("send", "client", c.srv.logAddr(c.addr), logFrame(f.data))
-		}
-		c.writeFrame(c.ws, f.data, f.opcode)
-		closing = closing || f.opcode == websocket.CloseFrame
-	}
-	if err := c.batch.end(); err != nil {
-		return err
-	}
-	if closing {
-		if cw, ok := c.netConn.(interface{ CloseWrite() error }); ok { // TLS
-			cw.CloseWrite()
-		} else if tc := tcpConn(c.netConn); tc != nil {
-			tc.CloseWrite()
-		}
-		c.netConn.SetReadDeadline(time.Now().Add(closeTimeout)) // the reader waits no longer for the client's close
-	}
-	return nil
-}
-
-// batchLSN is the journal position a batch depends on: the highest of its
-// frames'. It is not always the last frame's: pings, pongs and close
-// frames depend on nothing (their lsn is 0), and one may be queued after a
-// message that does.
-func batchLSN(batch []outFrame) uint64 {
-	var lsn uint64
-	for _, f := range batch {
-		lsn = max(lsn, f.lsn)
-	}
-	return lsn
-}
-
-// writeFrame encodes one frame into the batch being written.
-func (c *connection) writeFrame(ws *websocket.Conn, data []byte, opcode byte) {
-	ws.PayloadType = opcode
-	ws.Write(data) // into memory: it cannot fail
-	c.srv.metrics.framesSent.Add(1)
-}
-
-// batch gathers the frames of one writer pass, so they leave in one
-// system call. x/net/websocket writes each frame through a small
-// bufio.Writer, which empties here; outside a pass (there is none after
-// the handshake) writes would go straight to the connection.
-type batch struct {
-	conn    net.Conn
-	buf     *[]byte   // the frames gathered, while a pass is under way
-	timeout time.Time // the write deadline last set
-}
-
-var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
-
-func (b *batch) begin() { b.buf = batchPool.Get().(*[]byte) }
-
-func (b *batch) Write(p []byte) (int, error) {
-	if b.buf == nil {
-		return b.conn.Write(p)
-	}
-	*b.buf = append(*b.buf, p...)
-	return len(p), nil
-}
-
-// end writes what was gathered, within writeTimeout (less at most
-// writeDeadlineSlack).
-func (b *batch) end() error {
-	buf := b.buf
-	b.buf = nil
-	if now := time.Now(); b.timeout.Sub(now) < writeTimeout-writeDeadlineSlack {
-		b.timeout = now.Add(writeTimeout)
-		b.conn.SetWriteDeadline(b.timeout)
-	}
-	_, err := b.conn.Write(*buf)
-	if cap(*buf) <= maxPooledBatch {
-		*buf = (*buf)[:0]
-		batchPool.Put(buf)
-	}
-	return err
 }
 
 // end queues a close frame with this status after whatever is queued.
@@ -1007,20 +732,6 @@ func (c *connection) failLocked(reason error) {
 	go c.netConn.Close() // Close never blocks, but the caller may hold the registry lock
 }
 
-// waitFlushed waits for the writer to finish, which a write timeout
-// bounds.
-func (c *connection) waitFlushed() {
-	c.outMu.Lock()
-	if !c.flushing {
-		c.outMu.Unlock()
-		return
-	}
-	c.flushDone = make(chan struct{})
-	done := c.flushDone
-	c.outMu.Unlock()
-	<-done
-}
-
 // linger reads and discards what the client sends for a short while, so
 // that the client reads the close frame and closes its end first.
 func (c *connection) linger() {
@@ -1042,25 +753,16 @@ func isNetClose(err error) bool {
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || isTimeout(err) || errors.As(err, &opErr)
 }
 
-// readFailure and writeFailure name why reading from or writing to a
-// client failed, for the log and the "dropped" counter. A network error
-// carries both ends' addresses, which must not reach either (so a
-// --blur-usage log names no client, and the counter does not grow a
-// key per client).
-func readFailure(err error) error {
+// netFailure names why reading from or writing to a client failed, for
+// the log and the "dropped" counter: timedOut (errClientIdle for a read,
+// errSlowClient for a write) if err is a timeout, errClientGone if the
+// connection went away, and err otherwise. A network error carries both
+// ends' addresses, which must not reach either (so a --blur-usage log
+// names no client, and the counter does not grow a key per client).
+func netFailure(err, timedOut error) error {
 	switch {
 	case isTimeout(err):
-		return errClientIdle
-	case isNetClose(err):
-		return errClientGone
-	}
-	return err
-}
-
-func writeFailure(err error) error {
-	switch {
-	case isTimeout(err):
-		return errSlowClient
+		return timedOut
 	case isNetClose(err):
 		return errClientGone
 	}
@@ -1103,124 +805,4 @@ func logFrame(frame []byte) slog.Attr {
 		return slog.Any("frame", json.RawMessage(short))
 	}
 	return slog.String("frame", string(short))
-}
-
-// limiter enforces the limits per client address that the connection
-// gate (limits.go) cannot: how many connections may be open at once from
-// one address a trusted proxy reports (--trust-proxy-header), and how
-// many new nameplates one address may create per minute. An IPv6 client
-// is counted by its /64, since one host usually has a whole /64 to pick
-// addresses from.
-type limiter struct {
-	maxConns  int // per address; 0: no limit
-	perMinute int // 0: no limit
-
-	mu        sync.Mutex
-	conns     map[netip.Addr]int
-	buckets   map[netip.Addr]*bucket
-	lastSweep time.Time
-}
-
-// maxTrackedAddrs bounds how many addresses the nameplate rate limit
-// remembers: each costs about a hundred bytes, and only addresses that
-// created a nameplate within the last minute need remembering. Past it,
-// addresses it does not know get no new nameplates until it has room, so
-// a flood from a vast IPv6 range cannot grow it without bound.
-const maxTrackedAddrs = 100_000
-
-// minSweepInterval spaces the sweeps a full table of addresses starts, so
-// that a flood of new addresses does not turn each into a scan.
-const minSweepInterval = time.Second
-
-// bucket is a token bucket of new nameplates: it holds up to perMinute
-// tokens and refills at perMinute a minute.
-type bucket struct {
-	tokens float64
-	last   time.Time
-}
-
-func newLimiter(maxConns, perMinute int) *limiter {
-	return &limiter{maxConns: maxConns, perMinute: perMinute,
-		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
-}
-
-// addrKey is the unit limits count by.
-func addrKey(ip netip.Addr) netip.Addr {
-	if ip.Is6() {
-		p, _ := ip.Prefix(64)
-		return p.Addr()
-	}
-	return ip
-}
-
-// connect counts a new connection. It returns why the connection may not
-// stay ("" if it may); a refused connection is still counted until
-// disconnect, so a client that keeps reconnecting stays refused.
-func (l *limiter) connect(ip netip.Addr) string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	k := addrKey(ip)
-	l.conns[k]++
-	if l.maxConns > 0 && l.conns[k] > l.maxConns {
-		return errTooManyConnsFromAddr
-	}
-	return ""
-}
-
-func (l *limiter) disconnect(ip netip.Addr) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	k := addrKey(ip)
-	if l.conns[k]--; l.conns[k] <= 0 {
-		delete(l.conns, k)
-	}
-}
-
-// allowNewNameplate takes a token from the address's bucket, if it has one.
-func (l *limiter) allowNewNameplate(ip netip.Addr) bool {
-	if l.perMinute == 0 {
-		return true
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := time.Now()
-	k := addrKey(ip)
-	b := l.buckets[k]
-	if b == nil {
-		if len(l.buckets) >= maxTrackedAddrs && now.Sub(l.lastSweep) >= minSweepInterval {
-			l.sweepLocked(now)
-		}
-		if len(l.buckets) >= maxTrackedAddrs {
-			return false
-		}
-		b = &bucket{tokens: float64(l.perMinute), last: now}
-		l.buckets[k] = b
-	}
-	b.refill(now, l.perMinute)
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
-}
-
-func (b *bucket) refill(now time.Time, perMinute int) {
-	b.tokens = min(float64(perMinute), b.tokens+now.Sub(b.last).Minutes()*float64(perMinute))
-	b.last = now
-}
-
-// sweep forgets buckets that have refilled, which a new one equals.
-func (l *limiter) sweep() {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.sweepLocked(time.Now())
-}
-
-func (l *limiter) sweepLocked(now time.Time) {
-	l.lastSweep = now
-	for k, b := range l.buckets {
-		if b.refill(now, l.perMinute); b.tokens >= float64(l.perMinute) {
-			delete(l.buckets, k)
-		}
-	}
 }

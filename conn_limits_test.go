@@ -47,46 +47,6 @@ func writeFrameHeader(c *testClient, fin bool, opcode byte, n int) error {
 	return err
 }
 
-// readClose reads frames until the server's close frame and returns its
-// status and reason, and the error messages that came before it.
-func readClose(c *testClient) (status int, errs []string, err error) {
-	c.raw.SetReadDeadline(time.Now().Add(testTimeout))
-	for {
-		fr, err := c.ws.NewFrameReader()
-		if err != nil {
-			return 0, errs, err
-		}
-		payload, err := io.ReadAll(fr)
-		if err != nil {
-			return 0, errs, err
-		}
-		switch fr.PayloadType() {
-		case websocket.CloseFrame:
-			if len(payload) < 2 {
-				return 0, errs, fmt.Errorf("close frame %x", payload)
-			}
-			return int(binary.BigEndian.Uint16(payload)), errs, nil
-		case websocket.TextFrame:
-			var m msg
-			if json.Unmarshal(payload, &m) == nil && m.typ() == "error" {
-				errs = append(errs, m.str("error"))
-			}
-		}
-	}
-}
-
-// waitFor polls cond until it holds, failing the test after testTimeout.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // TestAnnouncedLengthReservesNothing is the attack of frame headers that
 // announce the largest message and send nothing more: the server holds
 // what arrived, not what was announced.

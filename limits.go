@@ -1,6 +1,8 @@
 // limits.go owns the server-wide budgets that connections share: the
-// budget for partly received messages, and the limiter of connections
-// and new nameplates per client address.
+// budget for partly received messages, the gate that counts every TCP
+// connection and shares the server fairly among addresses, the sampling
+// of per-connection log lines, and the limiter of connections and new
+// nameplates per client address.
 package main
 
 import (
@@ -137,9 +139,9 @@ func (b *partialBudget) charge(c *connection, n int) error {
 	return nil
 }
 
-// release gives back what c's message holds; the message is complete, or
+// refund gives back what c's message holds; the message is complete, or
 // its read failed.
-func (b *partialBudget) release(c *connection) {
+func (b *partialBudget) refund(c *connection) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.evicted[c] {
@@ -530,4 +532,124 @@ func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
 		srv.log.Info("connection log lines suppressed", "lines", suppressed, "limit_per_second", connLogsPerSecond)
 	}
 	logf(msg, args...)
+}
+
+// limiter enforces the limits per client address that the connection
+// gate (connGate) cannot: how many connections may be open at once from
+// one address a trusted proxy reports (--trust-proxy-header), and how
+// many new nameplates one address may create per minute. An IPv6 client
+// is counted by its /64, since one host usually has a whole /64 to pick
+// addresses from.
+type limiter struct {
+	maxConns  int // per address; 0: no limit
+	perMinute int // 0: no limit
+
+	mu        sync.Mutex
+	conns     map[netip.Addr]int
+	buckets   map[netip.Addr]*bucket
+	lastSweep time.Time
+}
+
+// maxTrackedAddrs bounds how many addresses the nameplate rate limit
+// remembers: each costs about a hundred bytes, and only addresses that
+// created a nameplate within the last minute need remembering. Past it,
+// addresses it does not know get no new nameplates until it has room, so
+// a flood from a vast IPv6 range cannot grow it without bound.
+const maxTrackedAddrs = 100_000
+
+// minSweepInterval spaces the sweeps a full table of addresses starts, so
+// that a flood of new addresses does not turn each into a scan.
+const minSweepInterval = time.Second
+
+// bucket is a token bucket of new nameplates: it holds up to perMinute
+// tokens and refills at perMinute a minute.
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newLimiter(maxConns, perMinute int) *limiter {
+	return &limiter{maxConns: maxConns, perMinute: perMinute,
+		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
+}
+
+// addrKey is the unit limits count by.
+func addrKey(ip netip.Addr) netip.Addr {
+	if ip.Is6() {
+		p, _ := ip.Prefix(64)
+		return p.Addr()
+	}
+	return ip
+}
+
+// connect counts a new connection. It returns why the connection may not
+// stay ("" if it may); a refused connection is still counted until
+// disconnect, so a client that keeps reconnecting stays refused.
+func (l *limiter) connect(ip netip.Addr) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := addrKey(ip)
+	l.conns[k]++
+	if l.maxConns > 0 && l.conns[k] > l.maxConns {
+		return errTooManyConnsFromAddr
+	}
+	return ""
+}
+
+func (l *limiter) disconnect(ip netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := addrKey(ip)
+	if l.conns[k]--; l.conns[k] <= 0 {
+		delete(l.conns, k)
+	}
+}
+
+// allowNewNameplate takes a token from the address's bucket, if it has one.
+func (l *limiter) allowNewNameplate(ip netip.Addr) bool {
+	if l.perMinute == 0 {
+		return true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	k := addrKey(ip)
+	b := l.buckets[k]
+	if b == nil {
+		if len(l.buckets) >= maxTrackedAddrs && now.Sub(l.lastSweep) >= minSweepInterval {
+			l.sweepLocked(now)
+		}
+		if len(l.buckets) >= maxTrackedAddrs {
+			return false
+		}
+		b = &bucket{tokens: float64(l.perMinute), last: now}
+		l.buckets[k] = b
+	}
+	b.refill(now, l.perMinute)
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+func (b *bucket) refill(now time.Time, perMinute int) {
+	b.tokens = min(float64(perMinute), b.tokens+now.Sub(b.last).Minutes()*float64(perMinute))
+	b.last = now
+}
+
+// sweep forgets buckets that have refilled, which a new one equals.
+func (l *limiter) sweep() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.sweepLocked(time.Now())
+}
+
+func (l *limiter) sweepLocked(now time.Time) {
+	l.lastSweep = now
+	for k, b := range l.buckets {
+		if b.refill(now, l.perMinute); b.tokens >= float64(l.perMinute) {
+			delete(l.buckets, k)
+		}
+	}
 }

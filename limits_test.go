@@ -16,80 +16,14 @@ import (
 	"net/http"
 	"net/netip"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/net/websocket"
 )
-
-// dialOptions say how dialFrom connects.
-type dialOptions struct {
-	from   string      // the source address, e.g. 127.0.0.2; "" for any
-	header http.Header // extra request headers
-	small  bool        // small socket buffers, for a client that will not read
-}
-
-// dialFrom connects as dialRaw does, with options, and reads the welcome.
-func dialFrom(t testing.TB, url string, o dialOptions) (*testClient, msg, error) {
-	cfg, err := websocket.NewConfig(url, "http://localhost/")
-	if err != nil {
-		return nil, nil, err
-	}
-	cfg.Header = o.header
-	d := net.Dialer{Timeout: testTimeout}
-	if o.from != "" {
-		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(o.from)}
-	}
-	if o.small {
-		d.Control = func(network, address string, rc syscall.RawConn) error {
-			var err error
-			rc.Control(func(fd uintptr) {
-				err = errors.Join(syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096),
-					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4096))
-			})
-			return err
-		}
-	}
-	raw, err := d.Dial("tcp", cfg.Location.Host)
-	if err != nil {
-		return nil, nil, err
-	}
-	t.Cleanup(func() { raw.Close() })
-	raw.SetDeadline(time.Now().Add(testTimeout))
-	ws, err := websocket.NewClient(cfg, raw)
-	if err != nil {
-		return nil, nil, err
-	}
-	c := &testClient{t: t, ws: ws, raw: raw}
-	w, err := c.tryNext()
-	if err != nil {
-		return nil, nil, err
-	}
-	if w.typ() != "welcome" {
-		return nil, nil, fmt.Errorf("first message is %v, want welcome", w)
-	}
-	return c, w, nil
-}
-
-// mustDialFrom is dialFrom for the test's goroutine. A client the server
-// accepts has had a message answered when it returns, so the server has
-// taken the connection over.
-func mustDialFrom(t testing.TB, url string, o dialOptions) (*testClient, msg) {
-	t.Helper()
-	c, w, err := dialFrom(t, url, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if welcomeError(w) == "" {
-		c.sync()
-	}
-	return c, w
-}
 
 // expectRefused checks that after its welcome the server closes the
 // client's connection with status 1008 (policy violation). The close
@@ -119,13 +53,6 @@ func expectRefused(t testing.TB, c *testClient) {
 	}
 }
 
-// welcomeError is the error a welcome message carries, if any.
-func welcomeError(w msg) string {
-	inner, _ := w["welcome"].(map[string]any)
-	s, _ := inner["error"].(string)
-	return s
-}
-
 // yourAddress is the welcome's your-address, as "ip port".
 func yourAddress(w msg) string {
 	inner, _ := w["welcome"].(map[string]any)
@@ -135,46 +62,6 @@ func yourAddress(w msg) string {
 		ip, _ = a["ipv6"].(string)
 	}
 	return fmt.Sprintf("%s %v", ip, a["port"])
-}
-
-// serverSide returns the server's connection for client c.
-func (ts *testServer) serverSide(t testing.TB, c *testClient) *connection {
-	t.Helper()
-	c.sync() // the connection is tracked before it handles anything
-	sc := ts.findServerSide(c)
-	if sc == nil {
-		t.Fatalf("no server connection for client %v", c.raw.LocalAddr())
-	}
-	return sc
-}
-
-// stopReading makes the server's side of c's connection buffer little,
-// so that a client that stops reading fills it with a few frames instead
-// of the megabytes the kernel would otherwise take.
-func (ts *testServer) stopReading(t testing.TB, c *testClient) *connection {
-	t.Helper()
-	sc := ts.serverSide(t, c)
-	if err := tcpConn(sc.netConn).SetWriteBuffer(4096); err != nil {
-		t.Fatal(err)
-	}
-	return sc
-}
-
-// outboxState is what waits to be written to the connection, and why it ended, if it did.
-func (c *connection) outboxState() (int, error) {
-	c.outMu.Lock()
-	defer c.outMu.Unlock()
-	return c.outBytes + c.sending, c.endReason
-}
-
-// stopAndCheckOutboxes stops the server and checks that every byte
-// counted against the server-wide outbox budget was given back.
-func (ts *testServer) stopAndCheckOutboxes(t testing.TB) {
-	t.Helper()
-	ts.stop()
-	if n := ts.outboxBytes.Load(); n != 0 {
-		t.Errorf("after every connection ended, %d outbox bytes are still counted", n)
-	}
 }
 
 func TestLengthLimits(t *testing.T) {
@@ -732,18 +619,6 @@ func TestOutboxFairShare(t *testing.T) {
 	}
 }
 
-// openPair connects two clients to one mailbox of app.
-func openPair(t testing.TB, ts *testServer, app string) (*testClient, *testClient) {
-	t.Helper()
-	var pair [2]*testClient
-	for i := range pair {
-		pair[i], _ = ts.dial(t)
-		pair[i].bind(app, fmt.Sprint("side-", i))
-		pair[i].expect(`{"type": "open", "mailbox": "pair"}`)
-	}
-	return pair[0], pair[1]
-}
-
 // tryReadFrame reads one raw frame from the server, as readFrame does,
 // returning errors instead of failing.
 func tryReadFrame(br *bufio.Reader) (opcode byte, payload []byte, err error) {
@@ -771,30 +646,6 @@ func tryReadFrame(br *bufio.Reader) (opcode byte, payload []byte, err error) {
 		return 0, nil, err
 	}
 	return h[0] & 0x0f, payload, nil
-}
-
-// heapInUse is the heap in use after a garbage collection: what the
-// process holds, not what it has yet to collect.
-func heapInUse() int64 {
-	runtime.GC()
-	runtime.GC() // the second frees what pools kept through the first
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	return int64(ms.HeapInuse)
-}
-
-// findServerSide is serverSide for other goroutines: it reports failure
-// instead of failing the test.
-func (ts *testServer) findServerSide(c *testClient) *connection {
-	local := c.raw.LocalAddr().(*net.TCPAddr)
-	ts.connsMu.Lock()
-	defer ts.connsMu.Unlock()
-	for sc := range ts.conns {
-		if int(sc.addr.port) == local.Port && sc.addr.ip == netip.MustParseAddr(local.IP.String()) {
-			return sc
-		}
-	}
-	return nil
 }
 
 // TestFlood floods the server the way an attacker with a few addresses

@@ -2,7 +2,7 @@
 // stored message, and which connections are subscribed to which mailbox.
 // One mutex guards all of it. Nothing here touches the network: sending is
 // done by handing encoded frames to a connection's outbox, which never
-// blocks (see conn.go).
+// blocks (see outbox.go).
 //
 // The rules are the reference server's (PROTOCOL.md §8, §9, §10, §12):
 // a nameplate is a short name pointing at one mailbox; a mailbox holds an
@@ -118,12 +118,6 @@ const (
 	allocateRandomMin   = 1000
 	allocateRandomMax   = 999_999
 )
-
-// A protocolError is a refusal that goes back to the client as an "error"
-// message carrying its text. Anything else is an internal error.
-type protocolError string
-
-func (e protocolError) Error() string { return string(e) }
 
 // registry holds all channel state. Methods whose names end in Locked must
 // be called with mu held.
@@ -257,12 +251,6 @@ func (r *registry) dropIfEmptyLocked(a *app) {
 	if len(a.nameplates) == 0 && len(a.mailboxes) == 0 {
 		delete(r.apps, a.id)
 	}
-}
-
-// nameplateExistsLocked reports whether the app has a nameplate of this name.
-func (r *registry) nameplateExistsLocked(appID, name string) bool {
-	a := r.apps[appID]
-	return a != nil && a.nameplates[name] != nil
 }
 
 // nameplateHasSideLocked reports whether side is recorded on the app's
@@ -405,18 +393,15 @@ func (r *registry) claimLocked(appID, name, side string, addr netip.Addr, now fl
 // nameplate is deleted; its mailbox stays until its sides close it.
 func (r *registry) releaseLocked(appID, name, side string, now float64) {
 	a := r.apps[appID]
-	if a == nil {
+	if a == nil || a.nameplates[name] == nil {
 		return
 	}
 	np := a.nameplates[name]
-	if np == nil {
-		return
-	}
 	i := slices.IndexFunc(np.sides, func(s nameplateSide) bool { return s.side == side })
 	if i < 0 {
 		return
 	}
-	r.releaseClaimLocked(&np.sides[i])
+	r.refundClaimLocked(&np.sides[i])
 	np.sides[i].claimed = false
 	if slices.ContainsFunc(np.sides, func(s nameplateSide) bool { return s.claimed }) {
 		r.journal.nameplate(a, np)
@@ -594,7 +579,7 @@ func (r *registry) closeLocked(a *app, id, side, mood string, now float64) {
 	if i < 0 {
 		return
 	}
-	r.releaseOpenLocked(&mb.sides[i])
+	r.refundOpenLocked(&mb.sides[i])
 	mb.sides[i].opened = false
 	mb.sides[i].mood = mood
 	if slices.ContainsFunc(mb.sides, func(s mailboxSide) bool { return s.opened }) {
@@ -638,7 +623,7 @@ func (r *registry) forgetMailboxLocked(mb *mailbox) {
 		r.subscriptions--
 	}
 	mb.subscribers = nil
-	r.releaseMailboxLocked(mb)
+	r.refundMailboxLocked(mb)
 	delete(a.mailboxes, mb.id)
 	mb.deleted = true
 	r.mailboxN--
@@ -667,7 +652,7 @@ func (r *registry) point(np *nameplate, mb *mailbox) {
 }
 
 func (r *registry) forgetNameplateLocked(a *app, np *nameplate) {
-	r.releaseNameplateLocked(np)
+	r.refundNameplateLocked(np)
 	delete(a.nameplates, np.name)
 	a.short[shortName(np.name)]--
 	if np.mailbox.nameplate == np {

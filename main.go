@@ -8,7 +8,8 @@
 // flags. The files, read in this order, tell the whole story:
 //
 //	main.go      the process: flags, HTTP routes, pruning, signals
-//	conn.go      one WebSocket connection: frames in, frames out, keepalive
+//	conn.go      one WebSocket connection: frames in, keepalive, closing
+//	outbox.go    its frames out, in order, once the journal holds them
 //	protocol.go  the messages and each connection's state machine
 //	mailbox.go   the registry of apps, nameplates, mailboxes and messages
 //	store.go     the journal that makes the registry survive a restart
@@ -83,7 +84,7 @@ const (
 	shutdownTimeout = 10 * time.Second
 )
 
-// Default connection limits (see limiter in conn.go). Per address: far
+// Default connection limits (see limiter in limits.go). Per address: far
 // more than the people behind one address use at once, far less than a
 // flood. In all: 5,000 transfers under way at once, and at about 10 KiB
 // each (a goroutine, buffers, a kernel socket) a tenth of a 1 GiB machine.
@@ -599,14 +600,9 @@ type server struct {
 	closed       atomic.Bool
 }
 
-// newServer opens the journal and usage log, replays the journal, and
-// prunes what expired while the server was down.
-func newServer(cfg config, log *slog.Logger) (*server, error) {
-	return openServer(context.Background(), cfg, log)
-}
-
-// openServer is newServer, stopping the replay of the journal when ctx
-// ends (a long one can take seconds, and SIGTERM must work meanwhile).
+// openServer opens the journal and usage log, replays the journal
+// (stopping when ctx ends: a long replay can take seconds, and SIGTERM
+// must work meanwhile), and prunes what expired while the server was down.
 func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	m := newMetrics()
 	srv := &server{
@@ -793,9 +789,9 @@ func (srv *server) admit(c *connection, slot *connSlot) string {
 	return why
 }
 
-// release undoes admit. The gate's count is given back when the
+// dismiss undoes admit. The gate's count is given back when the
 // connection is closed.
-func (srv *server) release(c *connection) {
+func (srv *server) dismiss(c *connection) {
 	if c.byHeader {
 		srv.limiter.disconnect(c.addr.ip)
 	}
@@ -832,7 +828,7 @@ func (srv *server) untrack(c *connection) {
 	srv.connsMu.Lock()
 	delete(srv.conns, c)
 	srv.connsMu.Unlock()
-	srv.release(c)
+	srv.dismiss(c)
 	srv.connWG.Done()
 }
 

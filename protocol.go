@@ -12,6 +12,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,12 @@ import (
 	"strings"
 	"unicode/utf8"
 )
+
+// A protocolError is a refusal that goes back to the client as an "error"
+// message carrying its text. Anything else is an internal error.
+type protocolError string
+
+func (e protocolError) Error() string { return string(e) }
 
 // The reference server's error strings (PROTOCOL.md §7.1), which clients may match.
 const (
@@ -327,7 +334,7 @@ func validNameplate(name string) bool {
 }
 
 // A sender takes a session's encoded frames in order. In the server it is
-// the connection's outbox (conn.go); lsn is the journal position the frame
+// the connection's outbox (outbox.go); lsn is the journal position the frame
 // depends on, and the frame must not reach the client before the journal
 // is durable up to it. While a message is handled the sender is held:
 // nothing leaves until release says what the frames depend on.
@@ -431,9 +438,9 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	typ := msg.typ()
 	switch typ {
 	case "ping":
-		return s.ping(msg)
+		return s.handlePing(msg)
 	case "bind":
-		return s.bind(msg, now)
+		return s.handleBind(msg, now)
 	}
 	if !s.bound {
 		return errMustBind
@@ -445,26 +452,28 @@ func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 		}
 	}
 	switch typ {
-	case "list":
+	case "list": // PROTOCOL.md §5.3: every nameplate of the app, sorted; none with --disallow-list
 		s.send(nameplatesFrame(s.srv.reg.listLocked(s.appID)))
 		return nil
 	case "allocate":
-		return s.allocate(now)
+		return s.handleAllocate(now)
 	case "claim":
-		return s.claim(msg, now)
+		return s.handleClaim(msg, now)
 	case "release":
-		return s.release(msg, now)
+		return s.handleRelease(msg, now)
 	case "open":
-		return s.open(msg, now)
+		return s.handleOpen(msg, now)
 	case "add":
-		return s.add(msg, now)
+		return s.handleAdd(msg, now)
 	case "close":
-		return s.close(msg, now)
+		return s.handleClose(msg, now)
 	}
 	return errUnknownType
 }
 
-func (s *session) ping(msg clientMessage) error {
+// handlePing answers a ping (PROTOCOL.md §5.2), bound or not: it refuses
+// a ping without 'ping', and echoes the value in a pong.
+func (s *session) handlePing(msg clientMessage) error {
 	if !msg.has("ping") {
 		return errPingRequiresPing
 	}
@@ -473,7 +482,11 @@ func (s *session) ping(msg clientMessage) error {
 	return nil
 }
 
-func (s *session) bind(msg clientMessage, now float64) error {
+// handleBind binds the connection to an app and side (PROTOCOL.md §5.1),
+// refusing in order: a second bind, no 'appid', no 'side', then (this
+// server only) a non-string or too long appid or side and a malformed
+// client_version; then it writes the client_version usage record (§11.3).
+func (s *session) handleBind(msg clientMessage, now float64) error {
 	switch {
 	case s.bound:
 		return errAlreadyBound
@@ -482,12 +495,9 @@ func (s *session) bind(msg clientMessage, now float64) error {
 	case !msg.has("side"):
 		return errBindSide
 	}
-	appID, err := msg.str("appid", maxAppIDLen)
-	if err != nil {
-		return err
-	}
-	side, err := msg.str("side", maxTokenLen)
-	if err != nil {
+	appID, appErr := msg.str("appid", maxAppIDLen)
+	side, sideErr := msg.str("side", maxTokenLen)
+	if err := cmp.Or(appErr, sideErr); err != nil { // the first, in the order checked
 		return err
 	}
 	impl, version, err := msg.clientVersion()
@@ -499,7 +509,11 @@ func (s *session) bind(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) allocate(now float64) error {
+// handleAllocate picks and claims a free nameplate (PROTOCOL.md §5.4,
+// §8.1), refusing in order: a second allocate, then (this server only) an
+// address over its rate or holdings (§15.2), and no free nameplate or no
+// room for one.
+func (s *session) handleAllocate(now float64) error {
 	if s.didAllocate {
 		return errGreedy
 	}
@@ -515,7 +529,12 @@ func (s *session) allocate(now float64) error {
 	return nil
 }
 
-func (s *session) claim(msg clientMessage, now float64) error {
+// handleClaim claims a nameplate for this side (PROTOCOL.md §5.5, §8.2),
+// refusing in order: no 'nameplate', a second claim, (this server only) a
+// name that is not 1 to 40 digits and an address over its rate or
+// holdings; from there the claim is used up, and the registry may answer
+// reclaimed or crowded (§10.1).
+func (s *session) handleClaim(msg clientMessage, now float64) error {
 	if !msg.has("nameplate") {
 		return errClaimNameplate
 	}
@@ -546,22 +565,16 @@ func (s *session) claim(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) release(msg clientMessage, now float64) error {
+// handleRelease releases this side's nameplate (PROTOCOL.md §5.6, §8.3),
+// refusing in order: a second release, a name other than the one claimed
+// (checked before the name's own type), no name and no earlier claim.
+func (s *session) handleRelease(msg clientMessage, now float64) error {
 	if s.didRelease {
 		return errOneRelease
 	}
-	name := s.claimed
-	if msg.has("nameplate") {
-		given, err := msg.str("nameplate", maxNameplateLen)
-		if s.didClaim && (err != nil || given != s.claimed) {
-			return errReleaseMismatch // checked first, as the reference does
-		}
-		if err != nil {
-			return err
-		}
-		name = given
-	} else if !s.didClaim {
-		return errReleaseNoClaim
+	name, err := namedOrEarlier(msg, "nameplate", maxNameplateLen, s.didClaim, s.claimed, errReleaseMismatch, errReleaseNoClaim)
+	if err != nil {
+		return err
 	}
 	s.srv.reg.releaseLocked(s.appID, name, s.side, now)
 	s.didRelease = true
@@ -569,7 +582,12 @@ func (s *session) release(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) open(msg clientMessage, now float64) error {
+// handleOpen opens a mailbox and subscribes the connection to it
+// (PROTOCOL.md §5.7, §9.1), refusing in order: a mailbox already open
+// here, no 'mailbox', (this server only) a non-string or too long id, an
+// address over its rate or holdings, too many connections of this side
+// on it; then the registry may answer crowded (§10.1).
+func (s *session) handleOpen(msg clientMessage, now float64) error {
 	if s.mailbox != nil {
 		return errOneOpen
 	}
@@ -606,7 +624,11 @@ func (s *session) open(msg clientMessage, now float64) error {
 	return nil
 }
 
-func (s *session) add(msg clientMessage, now float64) error {
+// handleAdd stores a message and delivers it to every subscriber, the
+// sender included (PROTOCOL.md §5.8, §9.2), refusing in order: no open
+// mailbox, no 'phase', no 'body', (this server only) a non-string phase or
+// body and a too long phase, then the registry's limits on messages.
+func (s *session) handleAdd(msg clientMessage, now float64) error {
 	switch {
 	case s.mailbox == nil:
 		return errAddBeforeOpen
@@ -615,12 +637,9 @@ func (s *session) add(msg clientMessage, now float64) error {
 	case !msg.has("body"):
 		return errMissingBody
 	}
-	phase, err := msg.str("phase", maxTokenLen)
-	if err != nil {
-		return err
-	}
-	body, err := msg.str("body", math.MaxInt)
-	if err != nil {
+	phase, phaseErr := msg.str("phase", maxTokenLen)
+	body, bodyErr := msg.str("body", math.MaxInt)
+	if err := cmp.Or(phaseErr, bodyErr); err != nil { // the first, in the order checked
 		return err
 	}
 	id, _ := msg.get("id")
@@ -630,26 +649,21 @@ func (s *session) add(msg clientMessage, now float64) error {
 	return s.srv.reg.addLocked(s.mailbox, message{side: s.side, phase: phase, body: body, serverRx: now, id: id}, s.holder())
 }
 
-func (s *session) close(msg clientMessage, now float64) error {
+// handleClose closes this side's mailbox with its mood (PROTOCOL.md §5.9,
+// §9.3, §10.2), refusing in order: a second close, a mailbox other than
+// the one opened (checked first), no mailbox and no earlier open, (this
+// server only) a bad mood; a close of a mailbox not open here opens it
+// first, so a third side gets crowded.
+func (s *session) handleClose(msg clientMessage, now float64) error {
 	if s.didClose {
 		return errOneClose
 	}
-	id := s.mailboxID
-	if msg.has("mailbox") {
-		given, err := msg.str("mailbox", maxTokenLen)
-		if s.opened && (err != nil || given != s.mailboxID) {
-			return errCloseMismatch // checked first, as the reference does
-		}
-		if err != nil {
-			return err
-		}
-		id = given
-	} else if !s.opened {
-		return errCloseNoOpen
+	id, err := namedOrEarlier(msg, "mailbox", maxTokenLen, s.opened, s.mailboxID, errCloseMismatch, errCloseNoOpen)
+	if err != nil {
+		return err
 	}
 	var mood string
 	if v, ok := msg.get("mood"); ok && !bytes.Equal(v, jsonNull) {
-		var err error
 		if mood, err = msg.str("mood", maxTokenLen); err != nil {
 			return err
 		}
@@ -674,12 +688,30 @@ func (s *session) close(msg clientMessage, now float64) error {
 	return nil
 }
 
+// namedOrEarlier is what a release or close names (PROTOCOL.md §5.6,
+// §5.9): the value of key, which must be the one this connection named
+// earlier if it did (mismatch, checked first, as the reference does); or,
+// if key is absent, that earlier one, which must exist (none).
+func namedOrEarlier(msg clientMessage, key string, maxLen int, did bool, earlier string, mismatch, none protocolError) (string, error) {
+	if !msg.has(key) {
+		if !did {
+			return "", none
+		}
+		return earlier, nil
+	}
+	given, err := msg.str(key, maxLen)
+	if did && (err != nil || given != earlier) {
+		return "", mismatch
+	}
+	return given, err
+}
+
 // holder is the address what this connection's side takes is charged to.
 func (s *session) holder() netip.Addr { return addrKey(s.addr.ip) }
 
 // admitLocked decides whether the connection may take more channel
 // state: want must fit in what its address may hold (quota.go), and the
-// address's allowance of new channels (limiter in conn.go) must have room
+// address's allowance of new channels (limiter in limits.go) must have room
 // for one more, else the refusal is rateErr.
 func (s *session) admitLocked(want holdings, rateErr protocolError) error {
 	if err := s.srv.reg.roomForAddrLocked(s.holder(), want); err != nil {

@@ -1,7 +1,7 @@
 // quota.go owns what each client address holds in the registry at once:
 // the nameplates its sides have claimed, the mailboxes its sides have
 // open, and the bytes of the messages its sides have stored. The creation
-// rate (limiter in conn.go) bounds how fast an address takes state; these
+// rate (limiter in limits.go) bounds how fast an address takes state; these
 // holdings bound how much of it the address keeps, so that no handful of
 // addresses can fill a server-wide pool (see limits in mailbox.go for the
 // arithmetic behind the defaults).
@@ -97,34 +97,34 @@ func (r *registry) chargeBytesLocked(mb *mailbox, addr netip.Addr, n int64) {
 	mb.charges = append(mb.charges, charge{addr, n})
 }
 
-// releaseNameplateLocked gives back what np's claiming sides hold.
-func (r *registry) releaseNameplateLocked(np *nameplate) {
+// refundNameplateLocked gives back what np's claiming sides hold.
+func (r *registry) refundNameplateLocked(np *nameplate) {
 	for i := range np.sides {
-		r.releaseClaimLocked(&np.sides[i])
+		r.refundClaimLocked(&np.sides[i])
 	}
 }
 
-// releaseClaimLocked gives back the nameplate a side's claim holds.
-func (r *registry) releaseClaimLocked(s *nameplateSide) {
+// refundClaimLocked gives back the nameplate a side's claim holds.
+func (r *registry) refundClaimLocked(s *nameplateSide) {
 	if s.claimed {
 		r.holdLocked(s.holder, holdings{nameplates: -1})
 	}
 	s.holder = netip.Addr{}
 }
 
-// releaseOpenLocked gives back the mailbox a side's open holds.
-func (r *registry) releaseOpenLocked(s *mailboxSide) {
+// refundOpenLocked gives back the mailbox a side's open holds.
+func (r *registry) refundOpenLocked(s *mailboxSide) {
 	if s.opened {
 		r.holdLocked(s.holder, holdings{mailboxes: -1})
 	}
 	s.holder = netip.Addr{}
 }
 
-// releaseMailboxLocked gives back what mb's open sides and its stored
+// refundMailboxLocked gives back what mb's open sides and its stored
 // messages hold.
-func (r *registry) releaseMailboxLocked(mb *mailbox) {
+func (r *registry) refundMailboxLocked(mb *mailbox) {
 	for i := range mb.sides {
-		r.releaseOpenLocked(&mb.sides[i])
+		r.refundOpenLocked(&mb.sides[i])
 	}
 	for _, c := range mb.charges {
 		r.holdLocked(c.addr, holdings{bytes: -c.bytes})
