@@ -487,7 +487,7 @@ func TestHeaderLimit(t *testing.T) {
 // address connects as usual.
 func TestConnectionRate(t *testing.T) {
 	ts := startServerWith(t, testConfig(), testLogger(t), func(srv *server) {
-		srv.gate.maxPerAddr, srv.gate.perMinute = 8, 5
+		srv.gate.maxPerAddr, srv.gate.newConns = 8, newRateTable(5)
 	})
 	refused := 0
 	for range 10 {

@@ -209,13 +209,10 @@ var errFairShare = errors.New("the server is full; a connection from your addres
 // addresses can keep another out, however many connections they open.
 // A newcomer whose address holds its share or more is refused.
 type connGate struct {
-	maxPerAddr int // 0: none (behind a trusted proxy every client shares its address)
-	maxTotal   int // 0: none
-	maxOpen    int // descriptors: every accepted connection, refused ones too; 0: none
-	perMinute  int // new connections per address a minute; 0: none
-
-	rates     map[netip.Addr]*bucket // guarded by mu, like the rest
-	lastSweep time.Time
+	maxPerAddr int       // 0: none (behind a trusted proxy every client shares its address)
+	maxTotal   int       // 0: none
+	maxOpen    int       // descriptors: every accepted connection, refused ones too; 0: none
+	newConns   rateTable // new connections per address; guarded by mu, like the rest
 
 	metrics *metrics
 
@@ -233,42 +230,16 @@ type addrConns struct {
 }
 
 func newConnGate(maxPerAddr, maxTotal, maxOpen, perMinute int, m *metrics) *connGate {
-	return &connGate{maxPerAddr: maxPerAddr, maxTotal: maxTotal, maxOpen: maxOpen, perMinute: perMinute, metrics: m,
-		addrs: make(map[netip.Addr]*addrConns), rates: make(map[netip.Addr]*bucket)}
+	return &connGate{maxPerAddr: maxPerAddr, maxTotal: maxTotal, maxOpen: maxOpen, metrics: m,
+		newConns: newRateTable(perMinute), addrs: make(map[netip.Addr]*addrConns)}
 }
 
-// allowNewLocked takes a token from the address's bucket of new
-// connections, if it has one. Addresses whose buckets have refilled are
-// forgotten when the table reaches maxTrackedAddrs; while it stays full
-// (a flood from a vast IPv6 range), addresses it does not know are let
+// allowNewLocked takes a token from the address's allowance of new
+// connections, if it has one. While the table of addresses is full (a
+// flood from a vast IPv6 range), addresses it does not know are let
 // through, since the per-address and total caps still hold them.
 func (g *connGate) allowNewLocked(key netip.Addr) bool {
-	if g.perMinute == 0 || g.maxPerAddr == 0 {
-		return true
-	}
-	now := time.Now()
-	b := g.rates[key]
-	if b == nil {
-		if len(g.rates) >= maxTrackedAddrs && now.Sub(g.lastSweep) >= minSweepInterval {
-			g.lastSweep = now
-			for k, b := range g.rates {
-				if b.refill(now, g.perMinute); b.tokens >= float64(g.perMinute) {
-					delete(g.rates, k)
-				}
-			}
-		}
-		if len(g.rates) >= maxTrackedAddrs {
-			return true
-		}
-		b = &bucket{tokens: float64(g.perMinute), last: now}
-		g.rates[key] = b
-	}
-	b.refill(now, g.perMinute)
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
+	return g.maxPerAddr == 0 || g.newConns.take(key, time.Now(), true)
 }
 
 // connSlot is an accepted connection as the gate counts it: closing it
@@ -541,36 +512,81 @@ func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
 // is counted by its /64, since one host usually has a whole /64 to pick
 // addresses from.
 type limiter struct {
-	maxConns  int // per address; 0: no limit
-	perMinute int // 0: no limit
+	maxConns int // per address; 0: no limit
 
-	mu        sync.Mutex
-	conns     map[netip.Addr]int
-	buckets   map[netip.Addr]*bucket
-	lastSweep time.Time
+	mu         sync.Mutex
+	conns      map[netip.Addr]int
+	nameplates rateTable // new nameplates per address
 }
 
-// maxTrackedAddrs bounds how many addresses the nameplate rate limit
-// remembers: each costs about a hundred bytes, and only addresses that
-// created a nameplate within the last minute need remembering. Past it,
-// addresses it does not know get no new nameplates until it has room, so
-// a flood from a vast IPv6 range cannot grow it without bound.
+// maxTrackedAddrs bounds how many addresses a rateTable remembers: each
+// costs about a hundred bytes, and only addresses that used some of their
+// allowance within the last minute need remembering, so a flood from a
+// vast IPv6 range cannot grow it without bound.
 const maxTrackedAddrs = 100_000
 
 // minSweepInterval spaces the sweeps a full table of addresses starts, so
 // that a flood of new addresses does not turn each into a scan.
 const minSweepInterval = time.Second
 
-// bucket is a token bucket of new nameplates: it holds up to perMinute
-// tokens and refills at perMinute a minute.
+// bucket is a token bucket: it holds up to perMinute tokens and refills
+// at perMinute a minute.
 type bucket struct {
 	tokens float64
 	last   time.Time
 }
 
+// rateTable is an allowance per address of perMinute a minute, after a
+// burst of as many: a bucket for every address that used some of it
+// lately. Its user guards it.
+type rateTable struct {
+	perMinute int // 0: no limit
+	buckets   map[netip.Addr]*bucket
+	lastSweep time.Time
+}
+
+func newRateTable(perMinute int) rateTable {
+	return rateTable{perMinute: perMinute, buckets: make(map[netip.Addr]*bucket)}
+}
+
+// take takes a token from key's bucket, if it has one. When the table is
+// full and a sweep frees no room, an address it does not know gets
+// whenFull.
+func (t *rateTable) take(key netip.Addr, now time.Time, whenFull bool) bool {
+	if t.perMinute == 0 {
+		return true
+	}
+	b := t.buckets[key]
+	if b == nil {
+		if len(t.buckets) >= maxTrackedAddrs && now.Sub(t.lastSweep) >= minSweepInterval {
+			t.sweep(now)
+		}
+		if len(t.buckets) >= maxTrackedAddrs {
+			return whenFull
+		}
+		b = &bucket{tokens: float64(t.perMinute), last: now}
+		t.buckets[key] = b
+	}
+	b.refill(now, t.perMinute)
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// sweep forgets buckets that have refilled, which a new one equals.
+func (t *rateTable) sweep(now time.Time) {
+	t.lastSweep = now
+	for k, b := range t.buckets {
+		if b.refill(now, t.perMinute); b.tokens >= float64(t.perMinute) {
+			delete(t.buckets, k)
+		}
+	}
+}
+
 func newLimiter(maxConns, perMinute int) *limiter {
-	return &limiter{maxConns: maxConns, perMinute: perMinute,
-		conns: make(map[netip.Addr]int), buckets: make(map[netip.Addr]*bucket)}
+	return &limiter{maxConns: maxConns, conns: make(map[netip.Addr]int), nameplates: newRateTable(perMinute)}
 }
 
 // addrKey is the unit limits count by.
@@ -605,32 +621,13 @@ func (l *limiter) disconnect(ip netip.Addr) {
 	}
 }
 
-// allowNewNameplate takes a token from the address's bucket, if it has one.
+// allowNewNameplate takes a token from the address's allowance of new
+// nameplates, if it has one. While the table of addresses is full,
+// addresses it does not know get none.
 func (l *limiter) allowNewNameplate(ip netip.Addr) bool {
-	if l.perMinute == 0 {
-		return true
-	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	now := time.Now()
-	k := addrKey(ip)
-	b := l.buckets[k]
-	if b == nil {
-		if len(l.buckets) >= maxTrackedAddrs && now.Sub(l.lastSweep) >= minSweepInterval {
-			l.sweepLocked(now)
-		}
-		if len(l.buckets) >= maxTrackedAddrs {
-			return false
-		}
-		b = &bucket{tokens: float64(l.perMinute), last: now}
-		l.buckets[k] = b
-	}
-	b.refill(now, l.perMinute)
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
+	return l.nameplates.take(addrKey(ip), time.Now(), false)
 }
 
 func (b *bucket) refill(now time.Time, perMinute int) {
@@ -638,18 +635,9 @@ func (b *bucket) refill(now time.Time, perMinute int) {
 	b.last = now
 }
 
-// sweep forgets buckets that have refilled, which a new one equals.
+// sweep forgets the addresses whose allowance has refilled.
 func (l *limiter) sweep() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.sweepLocked(time.Now())
-}
-
-func (l *limiter) sweepLocked(now time.Time) {
-	l.lastSweep = now
-	for k, b := range l.buckets {
-		if b.refill(now, l.perMinute); b.tokens >= float64(l.perMinute) {
-			delete(l.buckets, k)
-		}
-	}
+	l.nameplates.sweep(time.Now())
 }

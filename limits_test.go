@@ -440,8 +440,8 @@ func TestLimiter(t *testing.T) {
 	if l.allowNewNameplate(known) {
 		t.Error("a known address got a second new nameplate within a minute")
 	}
-	if len(l.buckets) > maxTrackedAddrs {
-		t.Errorf("the table holds %d addresses, over %d", len(l.buckets), maxTrackedAddrs)
+	if len(l.nameplates.buckets) > maxTrackedAddrs {
+		t.Errorf("the table holds %d addresses, over %d", len(l.nameplates.buckets), maxTrackedAddrs)
 	}
 }
 
