@@ -10,15 +10,19 @@
 //	main.go      the process: flags, HTTP routes, pruning, signals
 //	conn.go      one WebSocket connection: frames in, keepalive, closing
 //	outbox.go    its frames out, in order, once the journal holds them
+//	limits.go    the budgets connections share, and the per-address limits
+//	sockets_linux.go  what the kernel holds for a socket (SIOCOUTQ)
 //	protocol.go  the messages and each connection's state machine
 //	mailbox.go   the registry of apps, nameplates, mailboxes and messages
+//	quota.go     what each client address holds in the registry
 //	store.go     the journal that makes the registry survive a restart
 //	usage.go     the usage log and the live counters
 //	stats.go     the "stats" command, which summarises a usage log
 //	load.go      the "load" command, a load driver for benchmarks
 //	attack.go    the load command's attack mode, resource attacks on a server of your own
 //	transit.go   the transit relay, optional: files between clients that
-//	             cannot reach each other
+//	             cannot reach each other (transit_stats.go and
+//	             load_transit.go: its parts of stats and load)
 package main
 
 import (
