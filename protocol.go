@@ -861,10 +861,21 @@ func messageFrame(m message) []byte {
 
 // appendPyString appends s as a JSON string the way Python's json.dumps
 // writes it: only printable ASCII is written as is.
+// Runs of printable ASCII, which is most of what is written (hex bodies,
+// sides, phases), are copied whole.
 func appendPyString(b []byte, s string) []byte {
 	b = append(b, '"')
-	for _, r := range s {
-		b = appendPyRune(b, r)
+	for i := 0; i < len(s); {
+		j := i
+		for j < len(s) && s[j] >= 0x20 && s[j] < 0x7f && s[j] != '"' && s[j] != '\\' {
+			j++
+		}
+		b = append(b, s[i:j]...)
+		if i = j; i < len(s) {
+			r, size := utf8.DecodeRuneInString(s[i:])
+			b = appendPyRune(b, r)
+			i += size
+		}
 	}
 	return append(b, '"')
 }

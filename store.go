@@ -49,11 +49,9 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"math"
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -586,19 +584,21 @@ func checkLine(line []byte) error {
 // appendLine appends the record as one journal line: JSON with the
 // fields its kind uses, empty ones left out, as encoding/json would write
 // the struct, but without reflection (the journal is written for every
-// change, with the registry locked). Strings are escaped only where JSON
-// requires it, so a message's id (raw JSON, kept compact by the registry)
-// is written byte for byte, and a message replayed after a restart is
-// the same as when it was first delivered. The line ends with its
+// change, with the registry locked). Strings and times are written as
+// the server's messages write them (appendPyString, appendPyFloat in
+// protocol.go), which any JSON reader takes back unchanged; a message's
+// id (raw JSON, kept compact by the registry) is written byte for byte,
+// so a message replayed after a restart is the same as when it was first
+// delivered. The line ends with its
 // checksum (see crcTag).
 func (rec *record) appendLine(b []byte) []byte {
 	start := len(b)
-	b = appendJSONString(append(b, `{"kind":`...), rec.Kind)
-	b = appendJSONString(append(b, `,"app":`...), rec.App)
+	b = appendPyString(append(b, `{"kind":`...), rec.Kind)
+	b = appendPyString(append(b, `,"app":`...), rec.App)
 	if rec.Name != "" {
-		b = appendJSONString(append(b, `,"name":`...), rec.Name)
+		b = appendPyString(append(b, `,"name":`...), rec.Name)
 	}
-	b = appendJSONString(append(b, `,"mailbox":`...), rec.Mailbox)
+	b = appendPyString(append(b, `,"mailbox":`...), rec.Mailbox)
 	if rec.Deleted {
 		b = append(b, `,"deleted":true`...)
 	}
@@ -606,7 +606,7 @@ func (rec *record) appendLine(b []byte) []byte {
 		b = append(b, `,"for_nameplate":true`...)
 	}
 	if rec.Updated != 0 {
-		b = appendJSONFloat(append(b, `,"updated":`...), rec.Updated)
+		b = appendPyFloat(append(b, `,"updated":`...), rec.Updated)
 	}
 	if len(rec.Sides) > 0 {
 		b = append(b, `,"sides":[`...)
@@ -614,8 +614,8 @@ func (rec *record) appendLine(b []byte) []byte {
 			if i > 0 {
 				b = append(b, ',')
 			}
-			b = appendJSONString(append(b, `{"side":`...), side.Side)
-			b = appendJSONFloat(append(b, `,"added":`...), side.Added)
+			b = appendPyString(append(b, `{"side":`...), side.Side)
+			b = appendPyFloat(append(b, `,"added":`...), side.Added)
 			if side.Claimed {
 				b = append(b, `,"claimed":true`...)
 			}
@@ -623,68 +623,28 @@ func (rec *record) appendLine(b []byte) []byte {
 				b = append(b, `,"opened":true`...)
 			}
 			if side.Mood != "" {
-				b = appendJSONString(append(b, `,"mood":`...), side.Mood)
+				b = appendPyString(append(b, `,"mood":`...), side.Mood)
 			}
 			b = append(b, '}')
 		}
 		b = append(b, ']')
 	}
 	if rec.Side != "" {
-		b = appendJSONString(append(b, `,"side":`...), rec.Side)
+		b = appendPyString(append(b, `,"side":`...), rec.Side)
 	}
 	if rec.Phase != "" {
-		b = appendJSONString(append(b, `,"phase":`...), rec.Phase)
+		b = appendPyString(append(b, `,"phase":`...), rec.Phase)
 	}
 	if rec.Body != "" {
-		b = appendJSONString(append(b, `,"body":`...), rec.Body)
+		b = appendPyString(append(b, `,"body":`...), rec.Body)
 	}
 	if rec.ServerRx != 0 {
-		b = appendJSONFloat(append(b, `,"server_rx":`...), rec.ServerRx)
+		b = appendPyFloat(append(b, `,"server_rx":`...), rec.ServerRx)
 	}
 	if len(rec.ID) > 0 {
 		b = append(append(b, `,"id":`...), rec.ID...)
 	}
 	return appendChecksum(b, start)
-}
-
-// appendJSONString appends s as a JSON string, escaping only what JSON
-// requires. The strings come from decoded client messages, so they are
-// valid UTF-8.
-func appendJSONString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		var esc string
-		switch {
-		case c == '"':
-			esc = `\"`
-		case c == '\\':
-			esc = `\\`
-		case c == '\n':
-			esc = `\n`
-		case c == '\r':
-			esc = `\r`
-		case c == '\t':
-			esc = `\t`
-		case c < 0x20:
-			esc = string([]byte{'\\', 'u', '0', '0', hex[c>>4], hex[c&15]})
-		default:
-			continue
-		}
-		b = append(append(b, s[start:i]...), esc...)
-		start = i + 1
-	}
-	return append(append(b, s[start:]...), '"')
-}
-
-// appendJSONFloat appends f as encoding/json would (times in seconds).
-func appendJSONFloat(b []byte, f float64) []byte {
-	if abs := math.Abs(f); abs != 0 && (abs < 1e-6 || abs >= 1e21) {
-		return strconv.AppendFloat(b, f, 'e', -1, 64)
-	}
-	return strconv.AppendFloat(b, f, 'f', -1, 64)
 }
 
 // lastLSN is the LSN of the last line appended. Frames queued now depend
