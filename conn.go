@@ -237,12 +237,7 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "cannot upgrade this connection", http.StatusInternalServerError)
 		return
 	}
-	var rd io.Reader = netConn
-	if n := brw.Reader.Buffered(); n > 0 { // the client sent more right after its request
-		early, _ := brw.Reader.Peek(n)
-		rd = io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
-	}
-	c := &connection{netConn: netConn, br: bufio.NewReaderSize(rd, readBufferSize), openedAt: time.Now()}
+	c := &connection{netConn: netConn, br: bufio.NewReaderSize(hijackedReader(netConn, brw), readBufferSize), openedAt: time.Now()}
 	c.session = session{srv: srv, out: c, addr: addr}
 	c.batch.conn, c.handover.Conn = netConn, netConn
 	if tc := tcpConn(netConn); tc != nil {
@@ -273,6 +268,19 @@ func (srv *server) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	}
 	srv.track(c)
 	go c.serve()
+}
+
+// hijackedReader returns what a connection taken from net/http reads: the
+// bytes the client sent right after its request, which net/http has
+// already read into brw, then the connection. The early bytes are copied,
+// so that net/http's buffer can be freed.
+func hijackedReader(netConn net.Conn, brw *bufio.ReadWriter) io.Reader {
+	n := brw.Reader.Buffered()
+	if n == 0 {
+		return netConn
+	}
+	early, _ := brw.Reader.Peek(n)
+	return io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
 }
 
 // accept is x/net/websocket's Handler: it runs once the handshake has

@@ -480,13 +480,7 @@ func (r *transitRelay) serveWebSocket(w http.ResponseWriter, req *http.Request) 
 		netConn.Close()
 		return
 	}
-	var rd io.Reader = netConn
-	if n := brw.Reader.Buffered(); n > 0 { // the client sent more right after its request
-		early, _ := brw.Reader.Peek(n)
-		rd = io.MultiReader(bytes.NewReader(bytes.Clone(early)), netConn)
-	}
-	c.br = bufio.NewReaderSize(rd, transitWSReadBuffer)
-	c.tcp, _ = netConn.(*net.TCPConn)
+	c.br = bufio.NewReaderSize(hijackedReader(netConn, brw), transitWSReadBuffer)
 	handover := &handedOver{Conn: netConn}
 	ws := websocket.Server{
 		Handshake: func(*websocket.Config, *http.Request) error { return nil }, // any Origin, or none
