@@ -520,7 +520,7 @@ func startSampler(pid int) *sampler {
 		t := time.NewTicker(attackSampleInterval)
 		defer t.Stop()
 		for {
-			s.rss = max(s.rss, procRSS(pid))
+			s.rss = max(s.rss, procStatusKB(pid, "VmRSS:"))
 			s.pool = max(s.pool, sockstatTCPMem())
 			select {
 			case <-t.C:
@@ -538,24 +538,6 @@ func (s *sampler) stop() (rss, hwm, tcpPages int) {
 	close(s.done)
 	<-s.finished
 	return s.rss, procStatusKB(s.pid, "VmHWM:"), s.pool
-}
-
-// procStatusKB returns one kB field of /proc/PID/status, or 0.
-func procStatusKB(pid int, field string) int {
-	if pid <= 0 {
-		return 0
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, field); ok {
-			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
-			return kb
-		}
-	}
-	return 0
 }
 
 // sockstatTCPMem returns the kernel's TCP memory in pages (the "mem" of

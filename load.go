@@ -180,13 +180,13 @@ func driveLoad(ctx context.Context, cfg loadConfig, progress io.Writer) (loadRes
 		}
 	}()
 	if cfg.idle > 0 {
-		rssBefore := procRSS(cfg.pid)
+		rssBefore := procStatusKB(cfg.pid, "VmRSS:")
 		var err error
 		if idle, err = openIdleClients(ctx, d, cfg.idle); err != nil {
 			return res, err
 		}
 		if rssBefore > 0 {
-			res.IdleRSSPerConnB = float64(procRSS(cfg.pid)-rssBefore) * 1024 / float64(cfg.idle)
+			res.IdleRSSPerConnB = float64(procStatusKB(cfg.pid, "VmRSS:")-rssBefore) * 1024 / float64(cfg.idle)
 		}
 		fmt.Fprintf(progress, "%d idle clients are waiting\n", len(idle))
 		select {
@@ -215,7 +215,7 @@ func driveLoad(ctx context.Context, cfg loadConfig, progress io.Writer) (loadRes
 			return res, fmt.Errorf("only %d of %d idle clients answered a ping", res.IdleAnswered, len(idle))
 		}
 	}
-	res.ServerRSSkB = procRSS(cfg.pid)
+	res.ServerRSSkB = procStatusKB(cfg.pid, "VmRSS:")
 	return res, nil
 }
 
@@ -528,8 +528,9 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 	return nearestRank(ds, p)
 }
 
-// procRSS returns a process's resident memory in kB, or 0.
-func procRSS(pid int) int {
+// procStatusKB returns one kB field of /proc/PID/status ("VmRSS:" for
+// resident memory, "VmHWM:" for its peak), or 0.
+func procStatusKB(pid int, field string) int {
 	if pid <= 0 {
 		return 0
 	}
@@ -537,8 +538,8 @@ func procRSS(pid int) int {
 	if err != nil {
 		return 0
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, field); ok {
 			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
 			return kb
 		}

@@ -193,7 +193,7 @@ func driveTransitLoad(ctx context.Context, c transitLoadConfig) (transitLoadResu
 	if c.pid > 0 && total > 0 {
 		res.ServerCPUsPerG = (procCPU(c.pid) - cpuBefore).Seconds() / (total / 1e9)
 		res.ServerPeakRSSk = procStatusKB(c.pid, "VmHWM:")
-		res.ServerRSSkB = procRSS(c.pid)
+		res.ServerRSSkB = procStatusKB(c.pid, "VmRSS:")
 	}
 	return res, nil
 }
