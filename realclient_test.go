@@ -277,19 +277,9 @@ func realTransfer(t *testing.T, ts *testServer, sender, receiver realClient, tex
 	ctx, cancel := context.WithTimeout(context.Background(), transferTimeout)
 	defer cancel()
 
-	send := clientCommand(ctx, sender.command, sender.send(ts.url, text)...)
-	sendOut := &codeWatcher{code: make(chan string, 1)}
-	send.Stdout, send.Stderr = sendOut, sendOut
-	if err := send.Start(); err != nil {
-		t.Fatal(err)
-	}
-	sent := make(chan error, 1)
-	go func() { sent <- send.Wait() }()
-	select {
-	case r.code = <-sendOut.code:
-	case err := <-sent: // also when ctx expires, which kills the sender
-		t.Fatalf("the %s sender exited (%v) without printing a code:\n%s", sender.name, err, sendOut)
-	}
+	var sent <-chan error
+	var sendOut *codeWatcher
+	r.code, sent, sendOut = startSender(t, clientCommand(ctx, sender.command, sender.send(ts.url, text)...), sender.name)
 
 	nameplate, words, _ := strings.Cut(r.code, "-")
 	ts.reg.mu.Lock()
@@ -315,6 +305,25 @@ func realTransfer(t *testing.T, ts *testServer, sender, receiver realClient, tex
 		t.Fatalf("the transfer took longer than %v", transferTimeout)
 	}
 	return r
+}
+
+// startSender starts a sending client and returns the code it prints,
+// the end of its run, and its output so far and to come.
+func startSender(t *testing.T, send *exec.Cmd, name string) (code string, sent <-chan error, out *codeWatcher) {
+	t.Helper()
+	out = &codeWatcher{code: make(chan string, 1)}
+	send.Stdout, send.Stderr = out, out
+	if err := send.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- send.Wait() }()
+	select {
+	case code = <-out.code:
+	case err := <-done: // also when its context expires, which kills it
+		t.Fatalf("the %s sender exited (%v) without printing a code:\n%s", name, err, out)
+	}
+	return code, done, out
 }
 
 // clientCommand prepares a client to run until ctx is done, killed if

@@ -88,21 +88,8 @@ func transitSend(t *testing.T, what string) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), transferTimeout)
 	defer cancel()
-	send := clientCommand(ctx, pythonClient.command, "--relay-url", ts.url, "--transit-helper", helper,
-		"send", "--hide-progress", "--no-listen", what)
-	sendOut := &codeWatcher{code: make(chan string, 1)}
-	send.Stdout, send.Stderr = sendOut, sendOut
-	if err := send.Start(); err != nil {
-		t.Fatal(err)
-	}
-	sent := make(chan error, 1)
-	go func() { sent <- send.Wait() }()
-	var code string
-	select {
-	case code = <-sendOut.code:
-	case err := <-sent:
-		t.Fatalf("the sender exited (%v) without printing a code:\n%s", err, sendOut)
-	}
+	code, sent, sendOut := startSender(t, clientCommand(ctx, pythonClient.command, "--relay-url", ts.url, "--transit-helper", helper,
+		"send", "--hide-progress", "--no-listen", what), "Python")
 	dest := filepath.Join(t.TempDir(), "received")
 	recv := clientCommand(ctx, pythonClient.command, "--relay-url", ts.url, "--transit-helper", helper,
 		"receive", "--hide-progress", "--no-listen", "--accept-file", "-o", dest, code)
