@@ -208,8 +208,7 @@ type connection struct {
 	rawConn   syscall.RawConn // the socket, to ask the kernel about it; nil if not TCP
 
 	// The command budget (see takeCommand); only the reader uses it.
-	tokens   float64
-	tokensAt time.Time
+	commands bucket
 }
 
 // serveWebSocket upgrades a request on /v1 to a WebSocket connection and
@@ -432,16 +431,15 @@ func (c *connection) takeCommand(n float64) bool {
 		return true
 	}
 	now := time.Now()
-	if c.tokensAt.IsZero() {
-		c.tokens = commandBurst
+	if c.commands.last.IsZero() {
+		c.commands = bucket{tokens: commandBurst, last: now}
 	} else {
-		c.tokens = min(commandBurst, c.tokens+now.Sub(c.tokensAt).Seconds()*rate)
+		c.commands.refill(now, rate, commandBurst)
 	}
-	c.tokensAt = now
-	if c.tokens < 1 && n > 0 {
+	if c.commands.tokens < 1 && n > 0 {
 		return false
 	}
-	c.tokens -= n
+	c.commands.tokens -= n
 	return true
 }
 

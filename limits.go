@@ -529,8 +529,9 @@ const maxTrackedAddrs = 100_000
 // that a flood of new addresses does not turn each into a scan.
 const minSweepInterval = time.Second
 
-// bucket is a token bucket: it holds up to perMinute tokens and refills
-// at perMinute a minute.
+// bucket is a token bucket: it holds up to a burst of tokens and refills
+// at a steady rate. Its tokens may go below zero, a debt the refill pays
+// first.
 type bucket struct {
 	tokens float64
 	last   time.Time
@@ -567,7 +568,7 @@ func (t *rateTable) take(key netip.Addr, now time.Time, whenFull bool) bool {
 		b = &bucket{tokens: float64(t.perMinute), last: now}
 		t.buckets[key] = b
 	}
-	b.refill(now, t.perMinute)
+	b.refill(now, t.perSecond(), float64(t.perMinute))
 	if b.tokens < 1 {
 		return false
 	}
@@ -579,7 +580,7 @@ func (t *rateTable) take(key netip.Addr, now time.Time, whenFull bool) bool {
 func (t *rateTable) sweep(now time.Time) {
 	t.lastSweep = now
 	for k, b := range t.buckets {
-		if b.refill(now, t.perMinute); b.tokens >= float64(t.perMinute) {
+		if b.refill(now, t.perSecond(), float64(t.perMinute)); b.tokens >= float64(t.perMinute) {
 			delete(t.buckets, k)
 		}
 	}
@@ -630,10 +631,13 @@ func (l *limiter) allowNewNameplate(ip netip.Addr) bool {
 	return l.nameplates.take(addrKey(ip), time.Now(), false)
 }
 
-func (b *bucket) refill(now time.Time, perMinute int) {
-	b.tokens = min(float64(perMinute), b.tokens+now.Sub(b.last).Minutes()*float64(perMinute))
+func (b *bucket) refill(now time.Time, perSecond, burst float64) {
+	b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*perSecond)
 	b.last = now
 }
+
+// perSecond is the table's rate of refill.
+func (t *rateTable) perSecond() float64 { return float64(t.perMinute) / 60 }
 
 // sweep forgets the addresses whose allowance has refilled.
 func (l *limiter) sweep() {
