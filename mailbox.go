@@ -206,9 +206,8 @@ type message struct {
 // characters takes six bytes per character to send. Nor would the id as
 // it came: it is sent re-encoded, which can make it three times longer.)
 func (m message) size() int {
-	var id [64]byte // room for a usual id, which is then counted without allocating
 	return pyStringLen(m.side) + pyStringLen(m.phase) + pyStringLen(m.body) +
-		len(appendPyJSON(id[:0], m.id, 0)) + messageFrameOverhead
+		echoedLen(m.id) + messageFrameOverhead
 }
 
 func newRegistry(l limits, allowList bool, journal *store, usage *usageLog, m *metrics) *registry {
