@@ -189,7 +189,7 @@ func (c *connection) runWriter() {
 		}
 		c.outbox, c.sending, c.outBytes = nil, c.outBytes, 0
 		c.outMu.Unlock()
-		err := c.writeBatch(frames)
+		err := c.writeDurable(frames)
 		c.outMu.Lock()
 		c.srv.outboxBytes.Add(-int64(c.sending))
 		c.sending = 0
@@ -202,20 +202,56 @@ func (c *connection) runWriter() {
 	}
 }
 
-// writeBatch sends a batch of frames, once the journal holds what they
-// report; while the journal is unwritable, the batch waits unless the
-// connection is closing.
-func (c *connection) writeBatch(frames []outFrame) error {
-	// The batch depends on the highest of its frames' journal positions,
-	// not always the last one's: pings, pongs and close frames depend on
-	// nothing (their lsn is 0), and one may be queued after a message.
+// writeDurable sends a batch of frames taken from the outbox once the
+// journal holds what they report; while the journal is unwritable, it
+// waits unless the connection is closing. With them go the frames queued
+// meanwhile that the journal holds by then (the replies to a client's next
+// commands, or a peer's message), rather than in a pass, and a wait, of
+// their own.
+func (c *connection) writeDurable(frames []outFrame) error {
+	if err := c.srv.reg.journal.waitDurable(dependsOn(frames), c.isClosing); err != nil {
+		return err
+	}
+	return c.writeBatch(c.takeDurable(frames))
+}
+
+// dependsOn is the journal position a batch of frames depends on: the
+// highest of its frames', not always the last one's, since pings, pongs
+// and close frames depend on nothing (their lsn is 0), and one may be
+// queued after a message.
+func dependsOn(frames []outFrame) uint64 {
 	var lsn uint64
 	for _, f := range frames {
 		lsn = max(lsn, f.lsn)
 	}
-	if err := c.srv.reg.journal.waitDurable(lsn, c.isClosing); err != nil {
-		return err
+	return lsn
+}
+
+// takeDurable adds to a batch being written the frames at the front of
+// the outbox whose journal positions are already durable.
+func (c *connection) takeDurable(frames []outFrame) []outFrame {
+	durable := c.srv.reg.journal.durableLSN()
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.held {
+		return frames
 	}
+	n := 0
+	for n < len(c.outbox) && c.outbox[n].lsn <= durable {
+		c.sending += len(c.outbox[n].data)
+		c.outBytes -= len(c.outbox[n].data)
+		n++
+	}
+	if n == 0 {
+		return frames
+	}
+	frames = append(frames, c.outbox[:n]...)
+	c.outbox = c.outbox[n:]
+	return frames
+}
+
+// writeBatch sends a batch of frames in one system call.
+func (c *connection) writeBatch(frames []outFrame) error {
 	c.batch.begin()
 	closing := false
 	for _, f := range frames {

@@ -656,6 +656,14 @@ func (s *store) lastLSN() uint64 {
 	return s.appended.Load()
 }
 
+// durableLSN is the LSN of the last line on disk.
+func (s *store) durableLSN() uint64 {
+	if s == nil {
+		return ^uint64(0)
+	}
+	return s.durable.Load()
+}
+
 // append queues one line. It is called with the registry locked, so lines
 // are in the order the registry changed.
 func (s *store) append(rec *record) {

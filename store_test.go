@@ -1021,7 +1021,7 @@ func TestJournalUnwritable(t *testing.T) {
 	c.waitFlushed()
 	undurable := outFrame{opcode: websocket.TextFrame, data: []byte(`{"type": "x"}`), lsn: ts.reg.journal.lastLSN()}
 	done := make(chan error, 1)
-	go func() { done <- c.writeBatch([]outFrame{undurable, {opcode: websocket.PongFrame}}) }()
+	go func() { done <- c.writeDurable([]outFrame{undurable, {opcode: websocket.PongFrame}}) }()
 
 	// Other clients are told why changes are refused, and still answered
 	// when they change nothing.
