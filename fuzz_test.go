@@ -502,8 +502,8 @@ func replayBytes(t *testing.T, dir string, data []byte) (*registry, int64, error
 	}
 	defer f.Close()
 	reg := newRegistry(defaultLimits, true, nil, nil, newMetrics())
-	good, _, err := replay(context.Background(), f, path, reg)
-	return reg, good, err
+	r, err := replay(context.Background(), f, path, reg)
+	return reg, r.good, err
 }
 
 // dumpRegistry writes the registry's state as sorted lines, to compare.

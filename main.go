@@ -11,7 +11,7 @@
 //	conn.go      one WebSocket connection: frames in, keepalive, closing
 //	outbox.go    its frames out, in order, once the journal holds them
 //	limits.go    the budgets connections share, and the per-address limits
-//	sockets_linux.go  what the kernel holds for a socket (SIOCOUTQ)
+//	kernel_linux.go   what the kernel holds for a socket (SIOCOUTQ), fdatasync
 //	protocol.go  the messages and each connection's state machine
 //	mailbox.go   the registry of apps, nameplates, mailboxes and messages
 //	quota.go     what each client address holds in the registry

@@ -9,9 +9,12 @@
 // Every change is appended while the registry is locked, which gives it a
 // log sequence number (LSN). One writer goroutine takes all the lines
 // waiting, writes them with one write and makes them durable with one
-// fsync, then wakes everyone waiting for those LSNs (group commit). A
+// fdatasync, then wakes everyone waiting for those LSNs (group commit). A
 // connection sends no frame until the journal is durable up to the LSN the
-// frame depends on, so whatever a client has seen survives kill -9.
+// frame depends on, so whatever a client has seen survives kill -9. The
+// file is kept longer than its lines, with zeros (see
+// journalReserveBytes), so that a sync need not write the file's size;
+// the lines end at the first zero byte.
 //
 // When most of the file is dead, it is compacted without holding up the
 // writer: the live state is snapshotted with the registry locked (which
@@ -58,6 +61,19 @@ import (
 	"syscall"
 	"time"
 )
+
+// journalReserveBytes is how far ahead of its lines the journal file is
+// extended with zeros. A line written over zeros already on the disk
+// leaves the file's size as it was, so the sync that makes it durable
+// (fdatasync) writes the data and no inode: on a virtio disk an append
+// and its sync took 140 µs and 64 µs of CPU, a write over zeros 97 µs
+// and 37 µs. Writing the zeros costs a slower sync once per reserve
+// (1.7 ms for 1 MiB, against 2.3 ms per MiB in 256 KiB pieces), rare
+// enough not to show in the replies' p99.
+const journalReserveBytes = 1 << 20
+
+// zeros is what the reserve is written from.
+var zeros [64 << 10]byte
 
 // Compaction rewrites the journal with the live state only once the file
 // has grown to compactFactor times the size of the last rewrite (or, after
@@ -180,8 +196,10 @@ type store struct {
 
 	compacting bool // a compaction goroutine is running; used by the writer only
 
-	f         *os.File // open, locked, positioned at its end; used by the writer only
-	size      int64    // bytes in f
+	f         *os.File // open and locked; used by the writer only
+	size      int64    // bytes of lines in f
+	allocated int64    // bytes in f: its lines, then zeros (see journalReserveBytes)
+	reserveAt int64    // the size from which a reserve is tried again, after one failed
 	compactAt int64    // the size at which f is next compacted
 	done      chan struct{}
 }
@@ -219,7 +237,7 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 	if err != nil {
 		return nil, errors.Join(err, f.Close())
 	}
-	good, torn, err := replay(ctx, f, path, reg)
+	r, err := replay(ctx, f, path, reg)
 	if err != nil {
 		return nil, errors.Join(err, f.Close())
 	}
@@ -227,19 +245,16 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 	if err != nil {
 		return fail(err)
 	}
-	if end != good {
-		if torn == nil {
-			torn = errors.New("no newline at the end")
-		}
-		log.Warn("dropping torn last line of the journal", "file", path, "bytes", end-good, "why", torn.Error())
+	if r.torn != nil {
+		log.Warn("dropping torn last line of the journal", "file", path, "bytes", r.written-r.good, "why", r.torn.Error())
+	}
+	good := r.good
+	if end != good { // a torn line, or the zeros written ahead, or both
 		if err := f.Truncate(good); err != nil {
 			return fail(err)
 		}
 	}
-	if _, err := f.Seek(good, io.SeekStart); err != nil {
-		return fail(err)
-	}
-	s := &store{path: path, fsync: fsync, log: log, m: m, f: f, size: good,
+	s := &store{path: path, fsync: fsync, log: log, m: m, f: f, size: good, allocated: good,
 		compactAt: compactMinBytes, stop: make(chan struct{}), done: make(chan struct{})}
 	s.wake.L, s.advanced.L = &s.mu, &s.mu
 	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
@@ -427,11 +442,21 @@ func (c *replayChunk) decode() {
 	}
 }
 
-// replay applies every whole line of the journal to reg and returns the
-// offset after the last good line; anything after it is a torn write. A
+// replayEnd is where replay found the journal's lines to end.
+type replayEnd struct {
+	good    int64 // the offset after the last good line
+	written int64 // the offset of the first zero byte, or the file's size
+	torn    error // why the bytes from good to written are not a line; nil if there are none
+}
+
+// replay applies every whole line of the journal to reg and says where
+// they end. The lines end at the first zero byte, where the zeros the
+// writer wrote ahead begin (see journalReserveBytes): no line holds one,
+// and nothing after it was made durable, since every sync covers all that
+// was written before it. Bytes after the last newline are a torn write. A
 // last line that cannot be decoded (or whose checksum fails) is taken for
-// a torn write too, and torn says what was wrong with it; such a line
-// anywhere else is an error. Replay stops, with an error, when ctx ends.
+// a torn write too; such a line anywhere else is an error. Replay stops,
+// with an error, when ctx ends.
 //
 // Decoding the JSON is most of the work, so it is spread over the CPUs:
 // the file is read in chunks of whole lines, decoded at once, and applied
@@ -440,11 +465,15 @@ func (c *replayChunk) decode() {
 // 0.64 s from the journal as written and 0.51 s compacted, where one CPU
 // takes 1.68 s and 0.91 s: the difference between a restart under a
 // second and over it.
-func replay(ctx context.Context, f *os.File, path string, reg *registry) (good int64, torn, err error) {
+func replay(ctx context.Context, f *os.File, path string, reg *registry) (replayEnd, error) {
 	todo := make(chan *replayChunk)                             // to the decoders
 	inOrder := make(chan *replayChunk, 2*runtime.GOMAXPROCS(0)) // to the applier, below
 	stop := make(chan struct{})
-	var readErr error
+	var (
+		readErr  error
+		written  int64 // bytes read before the first zero byte
+		leftover int   // bytes after the last newline
+	)
 	var wg sync.WaitGroup
 	defer wg.Wait() // nothing reads f once replay returns
 	defer close(stop)
@@ -456,6 +485,10 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (good i
 		buf, line := make([]byte, 0, replayChunkBytes), 1
 		for {
 			n, err := io.ReadFull(f, buf[len(buf):cap(buf)])
+			if i := bytes.IndexByte(buf[len(buf):len(buf)+n], 0); i >= 0 {
+				n, err = i, io.EOF // the zeros written ahead: the lines end here
+			}
+			written += int64(n)
 			buf = buf[:len(buf)+n]
 			if end := bytes.LastIndexByte(buf, '\n') + 1; end > 0 {
 				c := &replayChunk{firstLine: line, data: buf[:end], decoded: make(chan struct{})}
@@ -475,7 +508,8 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (good i
 				buf = append(make([]byte, 0, 2*cap(buf)), buf...)
 			}
 			if err == io.EOF || err == io.ErrUnexpectedEOF {
-				return // what is left in buf has no newline
+				leftover = len(buf) // it has no newline
+				return
 			}
 			if err != nil {
 				readErr = err
@@ -495,34 +529,38 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (good i
 
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
-	var offset int64
+	var r replayEnd
 	for c := range inOrder {
-		if torn != nil { // the bad line was not the last
-			return 0, nil, torn
+		if r.torn != nil { // the bad line was not the last
+			return replayEnd{}, r.torn
 		}
 		if err := ctx.Err(); err != nil {
-			return 0, nil, fmt.Errorf("replay of the journal %s stopped at line %d: %w", path, c.firstLine, err)
+			return replayEnd{}, fmt.Errorf("replay of the journal %s stopped at line %d: %w", path, c.firstLine, err)
 		}
 		<-c.decoded
 		for i := range c.recs {
 			if err := reg.restoreLocked(&c.recs[i]); err != nil {
-				return 0, nil, fmt.Errorf("%s:%d: %v", path, c.firstLine+i, err)
+				return replayEnd{}, fmt.Errorf("%s:%d: %v", path, c.firstLine+i, err)
 			}
 		}
 		if c.err != nil {
-			torn = fmt.Errorf("%s:%d: %v", path, c.firstLine+len(c.recs), c.err)
+			r.torn = fmt.Errorf("%s:%d: %v", path, c.firstLine+len(c.recs), c.err)
 			if bytes.IndexByte(c.data[c.errAt:], '\n')+1 != len(c.data)-c.errAt {
-				return 0, nil, torn // not the chunk's last line
+				return replayEnd{}, r.torn // not the chunk's last line
 			}
-			offset += int64(c.errAt)
+			r.good += int64(c.errAt)
 			continue
 		}
-		offset += int64(len(c.data))
+		r.good += int64(len(c.data))
 	}
 	if readErr != nil {
-		return 0, nil, journalError(path, readErr)
+		return replayEnd{}, journalError(path, readErr)
 	}
-	return offset, torn, nil
+	r.written = written
+	if r.torn == nil && leftover > 0 {
+		r.torn = errors.New("no newline at the end")
+	}
+	return r, nil
 }
 
 // Every journal line ends with its checksum: crcTag, then the CRC-32C of
@@ -841,7 +879,7 @@ func (s *store) retry() bool {
 		s.failing = err
 		return !closing
 	}
-	s.size = int64(len(data))
+	s.size, s.allocated = int64(len(data)), int64(len(data))
 	s.compactAt = max(compactMinBytes, compactFactor*s.size)
 	s.m.compactions.Add(1)
 	s.log.Info("journal writable again", "file", s.path, "bytes", len(data),
@@ -854,18 +892,38 @@ func (s *store) retry() bool {
 	return true
 }
 
-// write appends a batch of lines and makes it durable.
+// write writes a batch of lines after the last one and makes it durable.
 func (s *store) write(batch []byte) error {
-	if _, err := s.f.Write(batch); err != nil {
+	end := s.size + int64(len(batch))
+	if end > s.allocated && end >= s.reserveAt {
+		s.reserve(end + journalReserveBytes)
+	}
+	if _, err := s.f.WriteAt(batch, s.size); err != nil {
 		return err
 	}
-	s.size += int64(len(batch))
+	s.size, s.allocated = end, max(s.allocated, end)
 	s.m.journalBytes.Add(int64(len(batch)))
 	if !s.fsync {
 		return nil
 	}
 	s.m.journalSyncs.Add(1)
-	return s.f.Sync()
+	return datasync(s.f)
+}
+
+// reserve extends the journal file with zeros to size bytes; the next
+// sync makes them durable with the batch that needed them. Without room
+// for them the lines are written as they come, which extends the file
+// line by line, and the reserve is tried again once the lines have grown
+// by another journalReserveBytes.
+func (s *store) reserve(size int64) {
+	for s.allocated < size {
+		n, err := s.f.WriteAt(zeros[:min(size-s.allocated, int64(len(zeros)))], s.allocated)
+		s.allocated += int64(n)
+		if err != nil {
+			s.reserveAt = s.size + journalReserveBytes
+			return
+		}
+	}
 }
 
 // compaction is a new journal file being made beside the journal: the
@@ -1018,7 +1076,7 @@ func (s *store) install(c *compaction, rest, taken []byte, lsn uint64) error {
 	}
 	switch {
 	case err == nil:
-		s.size = c.size
+		s.size, s.allocated = c.size, c.size
 		s.compactAt = max(compactMinBytes, compactFactor*s.size)
 		s.m.compactions.Add(1)
 		s.log.Info("journal compacted", "file", s.path, "bytes", s.size)
@@ -1143,8 +1201,8 @@ func (s *store) close() error {
 	s.advanced.Broadcast()
 	failing := s.failing
 	s.mu.Unlock()
-	if failing == nil {
-		if err := s.f.Sync(); err != nil {
+	if failing == nil { // the zeros written ahead are not left behind
+		if err := errors.Join(s.f.Truncate(s.size), s.f.Sync()); err != nil {
 			failing = journalError(s.path, err)
 		}
 	}

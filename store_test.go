@@ -344,19 +344,82 @@ func TestReplayEveryKind(t *testing.T) {
 	}
 }
 
+// TestJournalReserve checks that the journal keeps zeros ahead of its
+// lines while the server runs (journalReserveBytes), so that the file
+// left by a kill -9 at that moment replays to every line with no
+// warning, and that a clean close leaves the lines alone.
+func TestJournalReserve(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "channel.jsonl")
+	reg, s, _, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		reg.mu.Lock()
+		reg.journal.mailbox(&mailbox{app: &app{id: "a"}, id: fmt.Sprintf("m%d", i), updated: 400})
+		lsn := reg.journal.lastLSN()
+		reg.mu.Unlock()
+		if err := s.waitDurable(lsn, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	running, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := bytes.IndexByte(running, 0)
+	if lines <= 0 || bytes.Count(running[:lines], []byte("\n")) != 3 || running[lines-1] != '\n' {
+		t.Fatalf("while running, the file is %d bytes with its first zero at %d; want 3 lines, then zeros", len(running), lines)
+	}
+	if len(running) < journalReserveBytes || len(bytes.Trim(running[lines:], "\x00")) != 0 {
+		t.Fatalf("while running, the file is %d bytes, its lines %d; want zeros after them, up to at least %d", len(running), lines, journalReserveBytes)
+	}
+
+	crashed := writeJournal(t, string(running)) // as kill -9 leaves it
+	creg, cs, logs, err := openTestStore(t, crashed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := len(stateOf(creg).Apps["a"].Mailboxes); got != 3 {
+		t.Errorf("the file as a crash leaves it replays to %d mailboxes, want 3", got)
+	}
+	if n := logs.count("WARN"); n != 0 {
+		t.Errorf("%d warnings replaying the file as a crash leaves it", n)
+	}
+	cs.close()
+	if fi, _ := os.Stat(crashed); fi.Size() != int64(lines) {
+		t.Errorf("after replay and close, that file is %d bytes, want its %d bytes of lines", fi.Size(), lines)
+	}
+
+	if err := s.close(); err != nil {
+		t.Fatal(err)
+	}
+	if closed, _ := os.ReadFile(path); string(closed) != string(running[:lines]) {
+		t.Errorf("after a clean close, the file is %d bytes, want its %d bytes of lines", len(closed), lines)
+	}
+}
+
 // TestReplayTornTail checks that bytes after the last newline, which a
 // crash in the middle of a write leaves, are dropped with a warning and
-// cut from the file, and that a file ending on a newline is left alone.
+// cut from the file; that the zeros the writer writes ahead of its lines
+// end them, with no warning, whatever follows (it was never synced); and
+// that a file ending on a newline is left alone.
 func TestReplayTornTail(t *testing.T) {
 	whole := journalText(everyKindOfLine...)
-	for _, tc := range []struct{ name, tail string }{
-		{"partial line", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","pha`},
-		{"whole object without its newline", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","phase":"x","body":"dd","server_rx":104}`},
-		{"zero bytes", string(make([]byte, 4096))},
-		{"bad last line that ends with a newline", "{\"kind\":\"mess\n"},
-		{"zero bytes ending with a newline", string(make([]byte, 100)) + "\n"},
-		{"last line whose checksum fails", flipByte(withChecksum(everyKindOfLine[2]), 60) + "\n"},
-		{"nothing", ""},
+	zeros := string(make([]byte, 4096))
+	for _, tc := range []struct {
+		name, tail string
+		torn       bool // a warning is expected
+	}{
+		{"partial line", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","pha`, true},
+		{"whole object without its newline", `{"kind":"message","app":"a1","mailbox":"mb1","side":"s1","phase":"x","body":"dd","server_rx":104}`, true},
+		{"bad last line that ends with a newline", "{\"kind\":\"mess\n", true},
+		{"last line whose checksum fails", flipByte(withChecksum(everyKindOfLine[2]), 60) + "\n", true},
+		{"partial line, then zeros", `{"kind":"message","app":"a1","mai` + zeros, true},
+		{"zeros", zeros, false},
+		{"zeros ending with a newline", string(make([]byte, 100)) + "\n", false},
+		{"zeros, then a line never synced", zeros + withChecksum(everyKindOfLine[2]) + "\n" + zeros, false},
+		{"nothing", "", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := writeJournal(t, whole+tc.tail)
@@ -366,7 +429,7 @@ func TestReplayTornTail(t *testing.T) {
 			}
 			expectState(t, "replayed registry", everyKindState, stateOf(reg))
 			wantWarnings := 0
-			if tc.tail != "" {
+			if tc.torn {
 				wantWarnings = 1
 			}
 			if n := logs.count("WARN dropping torn last line"); n != wantWarnings {
