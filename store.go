@@ -7,9 +7,12 @@
 // compacted file (the live state only) uses the same lines.
 //
 // Every change is appended while the registry is locked, which gives it a
-// log sequence number (LSN). One writer goroutine takes all the lines
-// waiting, writes them with one write and makes them durable with one
-// fdatasync, then wakes everyone waiting for those LSNs (group commit). A
+// log sequence number (LSN). A writer goroutine takes all the lines
+// waiting and writes them with one write, at once, even while a sync is
+// under way; a syncer goroutine makes everything written durable with one
+// fdatasync, starts the next as soon as one ends, and wakes everyone
+// waiting for the LSNs it covered (group commit, pipelined). So a line
+// waits for the sync in flight when it came, at most, and then its own. A
 // connection sends no frame until the journal is durable up to the LSN the
 // frame depends on, so whatever a client has seen survives kill -9. The
 // file is kept longer than its lines, with zeros (see
@@ -170,16 +173,23 @@ type store struct {
 	// snapshotCarrying returns the live state as journal lines with the
 	// LSN they cover, and starts the carry (see beginCarry).
 	snapshotCarrying func() (live liveState, lsn uint64)
+	// syncFile makes what was written to a file durable: datasync, or in
+	// a test a stand-in that holds a sync in flight.
+	syncFile func(*os.File) error
 
 	appended   atomic.Uint64 // LSN of the last line appended
 	durable    atomic.Uint64 // LSN of the last line on disk
 	unwritable atomic.Bool   // failing is set: see writable
 
 	mu       sync.Mutex
-	wake     sync.Cond // the writer waits here for lines
+	wake     sync.Cond // the writer waits here for lines, or for a sync to end
 	advanced sync.Cond // connections wait here for durable to advance, or a retry
 	pending  []byte    // lines appended and not yet written
 	spare    []byte
+	written  uint64        // LSN of the last line written to f
+	syncWake sync.Cond     // the syncer waits here for lines written
+	syncing  bool          // the syncer is syncing f
+	syncDone bool          // the writer has exited, and so does the syncer
 	failing  error         // why the journal is unwritable; nil when it is not
 	failedAt time.Time     // when it became unwritable
 	closing  bool          // close has begun: the writer writes what is pending and exits
@@ -254,9 +264,9 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 			return fail(err)
 		}
 	}
-	s := &store{path: path, fsync: fsync, log: log, m: m, f: f, size: good, allocated: good,
+	s := &store{path: path, fsync: fsync, log: log, m: m, syncFile: datasync, f: f, size: good, allocated: good,
 		compactAt: compactMinBytes, stop: make(chan struct{}), done: make(chan struct{})}
-	s.wake.L, s.advanced.L = &s.mu, &s.mu
+	s.wake.L, s.advanced.L, s.syncWake.L = &s.mu, &s.mu, &s.mu
 	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
 	s.snapshotCarrying = func() (liveState, uint64) { return reg.liveStateAt(s.beginCarry) }
 	if full != nil {
@@ -755,7 +765,8 @@ func (s *store) waitDurable(lsn uint64, abandon func() bool) error {
 // run is the writer goroutine: it writes what is pending, in batches,
 // starts a compaction when the file has grown enough and finishes it when
 // it is ready; while the journal is unwritable it retries. It exits when
-// the journal is closed.
+// the journal is closed. Whatever replaces or closes the file waits first
+// for the syncer to have synced all that was written (see settleLocked).
 func (s *store) run() {
 	defer close(s.done)
 	defer func() { // a compaction asked for and never begun
@@ -766,6 +777,13 @@ func (s *store) run() {
 		s.compactWaiters = nil
 		s.mu.Unlock()
 	}()
+	go s.syncer()
+	defer func() { // the syncer too
+		s.mu.Lock()
+		s.syncDone = true
+		s.mu.Unlock()
+		s.syncWake.Signal()
+	}()
 	for {
 		s.mu.Lock()
 		for !s.hasWorkLocked() {
@@ -773,11 +791,13 @@ func (s *store) run() {
 		}
 		if c := s.compacted; c != nil {
 			s.compacted = nil
+			s.settleLocked()
 			s.mu.Unlock()
 			s.finishCompaction(c)
 			continue
 		}
 		if s.failing != nil {
+			s.settleLocked()
 			s.mu.Unlock()
 			if !s.retry() {
 				return // closing, and the journal is still unwritable
@@ -791,8 +811,9 @@ func (s *store) run() {
 			continue
 		}
 		if len(s.pending) == 0 {
+			s.settleLocked()
 			s.mu.Unlock()
-			return // closing, and everything is written
+			return // closing, and everything is written and synced (or failed)
 		}
 		batch, lsn := s.pending, s.appended.Load()
 		s.pending = s.spare[:0]
@@ -806,11 +827,46 @@ func (s *store) run() {
 		} else {
 			s.spare = nil
 		}
-		s.finishLocked(lsn, err)
+		s.wroteLocked(lsn, err)
 		s.mu.Unlock()
 		if err == nil && s.size >= s.compactAt && !s.compacting {
 			s.startCompaction()
 		}
+	}
+}
+
+// syncer is the syncer goroutine: whenever lines have been written that
+// are not yet durable, it syncs the file, which makes durable every line
+// written before the sync began, and wakes the waiters. It stops syncing
+// while the journal is unwritable, and exits with the writer.
+func (s *store) syncer() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		for !s.syncDone && (s.failing != nil || s.written <= s.durable.Load()) {
+			s.syncWake.Wait()
+		}
+		if s.syncDone {
+			return
+		}
+		lsn, f, syncFile := s.written, s.f, s.syncFile
+		s.syncing = true
+		s.mu.Unlock()
+		s.m.journalSyncs.Add(1)
+		err := syncFile(f)
+		s.mu.Lock()
+		s.syncing = false
+		s.finishLocked(lsn, err)
+		s.wake.Signal() // the writer may be waiting in settleLocked
+	}
+}
+
+// settleLocked waits until the syncer has synced all that was written,
+// or the journal has become unwritable, so that the writer may replace
+// or close the file.
+func (s *store) settleLocked() {
+	for s.syncing || (s.failing == nil && s.written > s.durable.Load()) {
+		s.wake.Wait()
 	}
 }
 
@@ -829,7 +885,24 @@ func (s *store) hasWorkLocked() bool {
 	return s.compactWanted && !s.compacting
 }
 
-// finishLocked records the outcome of a write and wakes the waiters.
+// wroteLocked records the outcome of writing the lines up to lsn: a
+// failure makes the journal unwritable; written lines go to the syncer,
+// or with --fsync=never are taken as durable at once.
+func (s *store) wroteLocked(lsn uint64, err error) {
+	switch {
+	case err != nil:
+		s.finishLocked(lsn, err)
+	case !s.fsync:
+		s.written = lsn
+		s.finishLocked(lsn, nil)
+	default:
+		s.written = lsn
+		s.syncWake.Signal()
+	}
+}
+
+// finishLocked records the outcome of a write or sync and wakes the
+// waiters.
 func (s *store) finishLocked(lsn uint64, err error) {
 	if err != nil {
 		s.failLocked(err)
@@ -892,7 +965,8 @@ func (s *store) retry() bool {
 	return true
 }
 
-// write writes a batch of lines after the last one and makes it durable.
+// write writes a batch of lines after the last one; the syncer makes it
+// durable.
 func (s *store) write(batch []byte) error {
 	end := s.size + int64(len(batch))
 	if end > s.allocated && end >= s.reserveAt {
@@ -903,11 +977,7 @@ func (s *store) write(batch []byte) error {
 	}
 	s.size, s.allocated = end, max(s.allocated, end)
 	s.m.journalBytes.Add(int64(len(batch)))
-	if !s.fsync {
-		return nil
-	}
-	s.m.journalSyncs.Add(1)
-	return datasync(s.f)
+	return nil
 }
 
 // reserve extends the journal file with zeros to size bytes; the next
@@ -1097,7 +1167,7 @@ func (s *store) install(c *compaction, rest, taken []byte, lsn uint64) error {
 	if len(taken) > 0 {
 		werr := s.write(taken)
 		s.mu.Lock()
-		s.finishLocked(lsn, werr)
+		s.wroteLocked(lsn, werr)
 		s.mu.Unlock()
 	}
 	return err

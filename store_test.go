@@ -1052,6 +1052,81 @@ func breakJournal(t testing.TB, srv *server, dir string) (mend func()) {
 	return mend
 }
 
+// holdSyncs makes the journal's syncs wait for the test: each sends on
+// started as it begins, then waits for a value on release (until the
+// test ends).
+func holdSyncs(t *testing.T, s *store) (started, release chan struct{}) {
+	started, release = make(chan struct{}), make(chan struct{})
+	ended := make(chan struct{})
+	t.Cleanup(func() { close(ended) }) // before the server's own cleanup, registered earlier
+	s.mu.Lock()
+	s.syncFile = func(f *os.File) error {
+		select {
+		case started <- struct{}{}:
+		case <-ended:
+		}
+		select {
+		case <-release:
+		case <-ended:
+		}
+		return datasync(f)
+	}
+	s.mu.Unlock()
+	return started, release
+}
+
+// TestSyncPipelined holds a sync in flight and checks that group commit
+// pipelines: a change that arrives meanwhile is written to the file at
+// once, and made durable by the next sync, which begins as soon as the
+// one in flight ends; a command that changes nothing is answered without
+// waiting for any sync; and no reply leaves before the sync it depends on.
+func TestSyncPipelined(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
+	ts := startServer(t, cfg)
+	started, release := holdSyncs(t, ts.reg.journal)
+	waitStarted := func(what string) {
+		t.Helper()
+		select {
+		case <-started:
+		case <-time.After(testTimeout):
+			t.Fatalf("no sync began %s", what)
+		}
+	}
+	a, _ := ts.dial(t)
+	a.bind("app", "a")
+	a.send(`{"type": "open", "mailbox": "m"}`)
+	waitStarted("for the open")
+
+	a.send(`{"type": "add", "phase": "1", "body": "01", "id": "during"}`)
+	waitUntil(t, "the add's line is in the file while the open's sync is in flight", func() bool {
+		data, _ := os.ReadFile(cfg.channelDB)
+		return bytes.Contains(data, []byte(`"id":"during"`))
+	})
+	b, _ := ts.dial(t)
+	b.bind("app", "b")
+	b.expect(`{"type": "ping", "ping": 5}`, "pong")
+	a.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	var got []byte
+	if err := websocket.Message.Receive(a.ws, &got); err == nil {
+		t.Fatalf("while the open's sync was in flight, the client got %s", got)
+	}
+
+	release <- struct{}{}
+	waitStarted("for the add, once the open's sync ended")
+	a.raw.SetReadDeadline(time.Now().Add(testTimeout))
+	if m := a.next(); m.typ() != "ack" {
+		t.Fatalf("after the open's sync, the client got %v, want the open's ack", m)
+	}
+	release <- struct{}{}
+	if m := a.next(); m.typ() != "ack" {
+		t.Fatalf("after the add's sync, the client got %v, want the add's ack", m)
+	}
+	if m := a.next(); m.typ() != "message" || m.str("id") != "during" {
+		t.Fatalf("after the add's sync, the client got %v, want its message", m)
+	}
+}
+
 // TestJournalUnwritable makes the journal fail under a running server and
 // checks the promise: nothing depending on an unwritten line reaches a
 // client, not even when a control frame that depends on nothing is queued
