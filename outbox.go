@@ -246,6 +246,7 @@ func (c *connection) takeDurable(frames []outFrame) []outFrame {
 		return frames
 	}
 	frames = append(frames, c.outbox[:n]...)
+	clear(c.outbox[:n]) // the batch holds them now
 	c.outbox = c.outbox[n:]
 	return frames
 }
