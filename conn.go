@@ -198,6 +198,7 @@ type connection struct {
 	sending   int             // the sizes of the frames the writer is writing
 	flushing  bool            // a writer goroutine is running
 	held      bool            // a message of this client's is being handled: the writer waits (see hold)
+	heldFrom  int             // while held, where in outbox the frames queued meanwhile begin
 	closing   bool            // a close frame is queued, or the connection failed: queue nothing more
 	flushDone chan struct{}   // closed when the writer exits, if someone waits
 	endReason error           // why the server ended the connection, if it did

@@ -15,6 +15,7 @@ package main
 
 import (
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -149,17 +150,19 @@ func (c *connection) forgetQueuedLocked() {
 // acknowledges are journaled; held, it cannot leave before them.
 func (c *connection) hold() {
 	c.outMu.Lock()
-	c.held = true
+	c.held, c.heldFrom = true, len(c.outbox)
 	c.outMu.Unlock()
 }
 
-// release lets the writer take the frames queued, which may depend on the
-// journal up to lsn.
+// release lets the writer take the frames queued, of which those queued
+// while held may depend on the journal up to lsn. The frames queued
+// before keep their own positions: a client's earlier replies still in
+// the outbox are not made to wait for its later command's changes.
 func (c *connection) release(lsn uint64) {
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
 	c.held = false
-	for i := range c.outbox {
+	for i := c.heldFrom; i < len(c.outbox); i++ {
 		c.outbox[i].lsn = max(c.outbox[i].lsn, lsn)
 	}
 	c.startWriterLocked()
@@ -173,23 +176,33 @@ func (c *connection) startWriterLocked() {
 }
 
 // runWriter is the writer goroutine: it writes the outbox until it is empty
-// (or held).
+// (or held). Each pass waits for the journal to hold what the first frame
+// reports, then sends every frame from the front that the journal holds
+// by then, in one system call. So frames leave in order, each as soon as
+// it and those before it may: a reply is not held back by a later
+// command's changes, nor sent in a pass of its own when the same sync
+// covered the frames queued after it. While the journal is unwritable a
+// pass waits, unless the connection is closing.
 func (c *connection) runWriter() {
 	for {
 		c.outMu.Lock()
-		frames := c.outbox
-		if len(frames) == 0 || c.held {
+		if len(c.outbox) == 0 || c.held {
 			c.flushing = false
-			if c.flushDone != nil && len(frames) == 0 {
+			if c.flushDone != nil && len(c.outbox) == 0 {
 				close(c.flushDone)
 				c.flushDone = nil
 			}
 			c.outMu.Unlock()
 			return
 		}
-		c.outbox, c.sending, c.outBytes = nil, c.outBytes, 0
+		first := c.outbox[0].lsn
 		c.outMu.Unlock()
-		err := c.writeDurable(frames)
+		err := c.srv.reg.journal.waitDurable(first, c.isClosing)
+		if err == nil {
+			if frames := c.takeDurable(); len(frames) > 0 {
+				err = c.writeBatch(frames)
+			}
+		}
 		c.outMu.Lock()
 		c.srv.outboxBytes.Add(-int64(c.sending))
 		c.sending = 0
@@ -202,39 +215,14 @@ func (c *connection) runWriter() {
 	}
 }
 
-// writeDurable sends a batch of frames taken from the outbox once the
-// journal holds what they report; while the journal is unwritable, it
-// waits unless the connection is closing. With them go the frames queued
-// meanwhile that the journal holds by then (the replies to a client's next
-// commands, or a peer's message), rather than in a pass, and a wait, of
-// their own.
-func (c *connection) writeDurable(frames []outFrame) error {
-	if err := c.srv.reg.journal.waitDurable(dependsOn(frames), c.isClosing); err != nil {
-		return err
-	}
-	return c.writeBatch(c.takeDurable(frames))
-}
-
-// dependsOn is the journal position a batch of frames depends on: the
-// highest of its frames', not always the last one's, since pings, pongs
-// and close frames depend on nothing (their lsn is 0), and one may be
-// queued after a message.
-func dependsOn(frames []outFrame) uint64 {
-	var lsn uint64
-	for _, f := range frames {
-		lsn = max(lsn, f.lsn)
-	}
-	return lsn
-}
-
-// takeDurable adds to a batch being written the frames at the front of
-// the outbox whose journal positions are already durable.
-func (c *connection) takeDurable(frames []outFrame) []outFrame {
+// takeDurable takes, for a pass of the writer, the frames at the front of
+// the outbox whose journal positions are durable; none while held.
+func (c *connection) takeDurable() []outFrame {
 	durable := c.srv.reg.journal.durableLSN()
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
 	if c.held {
-		return frames
+		return nil
 	}
 	n := 0
 	for n < len(c.outbox) && c.outbox[n].lsn <= durable {
@@ -242,10 +230,12 @@ func (c *connection) takeDurable(frames []outFrame) []outFrame {
 		c.outBytes -= len(c.outbox[n].data)
 		n++
 	}
-	if n == 0 {
+	if n == len(c.outbox) {
+		frames := c.outbox
+		c.outbox = nil
 		return frames
 	}
-	frames = append(frames, c.outbox[:n]...)
+	frames := slices.Clone(c.outbox[:n])
 	clear(c.outbox[:n]) // the batch holds them now
 	c.outbox = c.outbox[n:]
 	return frames

@@ -1084,6 +1084,11 @@ func TestSyncPipelined(t *testing.T) {
 	cfg := testConfig()
 	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
 	ts := startServer(t, cfg)
+	a, _ := ts.dial(t)
+	a.bind("app", "a")
+	a.expect(`{"type": "open", "mailbox": "m"}`)
+
+	// An add journals one line; its sync is held.
 	started, release := holdSyncs(t, ts.reg.journal)
 	waitStarted := func(what string) {
 		t.Helper()
@@ -1093,13 +1098,10 @@ func TestSyncPipelined(t *testing.T) {
 			t.Fatalf("no sync began %s", what)
 		}
 	}
-	a, _ := ts.dial(t)
-	a.bind("app", "a")
-	a.send(`{"type": "open", "mailbox": "m"}`)
-	waitStarted("for the open")
-
-	a.send(`{"type": "add", "phase": "1", "body": "01", "id": "during"}`)
-	waitUntil(t, "the add's line is in the file while the open's sync is in flight", func() bool {
+	a.send(`{"type": "add", "phase": "1", "body": "01", "id": "first"}`)
+	waitStarted("for the first add")
+	a.send(`{"type": "add", "phase": "2", "body": "02", "id": "during"}`)
+	waitUntil(t, "the second add's line is in the file while the first's sync is in flight", func() bool {
 		data, _ := os.ReadFile(cfg.channelDB)
 		return bytes.Contains(data, []byte(`"id":"during"`))
 	})
@@ -1109,21 +1111,21 @@ func TestSyncPipelined(t *testing.T) {
 	a.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 	var got []byte
 	if err := websocket.Message.Receive(a.ws, &got); err == nil {
-		t.Fatalf("while the open's sync was in flight, the client got %s", got)
+		t.Fatalf("while the first add's sync was in flight, the client got %s", got)
 	}
 
 	release <- struct{}{}
-	waitStarted("for the add, once the open's sync ended")
-	a.raw.SetReadDeadline(time.Now().Add(testTimeout))
-	if m := a.next(); m.typ() != "ack" {
-		t.Fatalf("after the open's sync, the client got %v, want the open's ack", m)
+	waitStarted("for the second add, once the first's sync ended")
+	for _, want := range []string{"ack", "message"} {
+		if m := a.next(); m.typ() != want || want == "message" && m.str("id") != "first" {
+			t.Fatalf("after the first add's sync, the client got %v, want the first add's %s", m, want)
+		}
 	}
 	release <- struct{}{}
-	if m := a.next(); m.typ() != "ack" {
-		t.Fatalf("after the add's sync, the client got %v, want the add's ack", m)
-	}
-	if m := a.next(); m.typ() != "message" || m.str("id") != "during" {
-		t.Fatalf("after the add's sync, the client got %v, want its message", m)
+	for _, want := range []string{"ack", "message"} {
+		if m := a.next(); m.typ() != want || want == "message" && m.str("id") != "during" {
+			t.Fatalf("after the second add's sync, the client got %v, want the second add's %s", m, want)
+		}
 	}
 }
 
@@ -1154,12 +1156,11 @@ func TestJournalUnwritable(t *testing.T) {
 	}
 
 	// A frame depending on the unwritten line, followed by a pong, must
-	// not be sent.
+	// not be sent: not a byte reaches the client.
 	c := connectionOf(t, ts.server, "b")
 	c.waitFlushed()
-	undurable := outFrame{opcode: websocket.TextFrame, data: []byte(`{"type": "x"}`), lsn: ts.reg.journal.lastLSN()}
-	done := make(chan error, 1)
-	go func() { done <- c.writeDurable([]outFrame{undurable, {opcode: websocket.PongFrame}}) }()
+	c.queue(outFrame{opcode: websocket.TextFrame, data: []byte(`{"type": "x"}`), lsn: ts.reg.journal.lastLSN()})
+	c.queue(outFrame{opcode: websocket.PongFrame})
 
 	// Other clients are told why changes are refused, and still answered
 	// when they change nothing.
@@ -1178,16 +1179,15 @@ func TestJournalUnwritable(t *testing.T) {
 	if err := websocket.Message.Receive(a.ws, &got); err == nil {
 		t.Fatalf("while the journal was unwritable, the client got %s", got)
 	}
-	select {
-	case err := <-done:
-		t.Fatalf("a batch ending with a pong was sent (%v) before the frame it holds was durable", err)
-	default:
+	b.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if n, _ := b.raw.Read(make([]byte, 1)); n != 0 {
+		t.Fatal("a frame queued after one that waits for the journal, a pong, was sent before it was durable")
 	}
 
 	mend()
 	waitUntil(t, "the server is healthy again", func() bool { return ts.healthy() == nil })
-	if err := <-done; err != nil {
-		t.Errorf("the batch that waited: %v", err)
+	if m := b.next(); m.typ() != "x" {
+		t.Fatalf("after the journal came back, the other client got %v, want the frame that waited", m)
 	}
 	if m := a.next(); m.typ() != "ack" {
 		t.Fatalf("after the journal came back, the client got %v, want the ack it waited for", m)
