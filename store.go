@@ -36,7 +36,9 @@
 // journal is unwritable: nothing more is made durable, no frame that
 // depends on it is sent, the protocol refuses changes (see writable), and
 // the health check fails. What the file holds after a failed write or
-// fsync is uncertain, so it is never appended to again: every
+// fsync is uncertain, so it is never synced or trusted again (a batch the
+// writer had taken as the sync failed may still be written to it, and
+// is covered, like everything else, by what replaces it): every
 // journalRetryInterval the writer rewrites the live state to a new file,
 // as a compaction does, and once that succeeds the journal is writable
 // again and the replies that waited are sent.
@@ -55,6 +57,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -186,7 +189,7 @@ type store struct {
 	advanced sync.Cond // connections wait here for durable to advance, or a retry
 	pending  []byte    // lines appended and not yet written
 	spare    []byte
-	written  uint64        // LSN of the last line written to f
+	written  uint64        // LSN of the last line written to f (no more than durable after f was replaced)
 	syncWake sync.Cond     // the syncer waits here for lines written
 	syncing  bool          // the syncer is syncing f
 	syncDone bool          // the writer has exited, and so does the syncer
@@ -206,10 +209,10 @@ type store struct {
 
 	compacting bool // a compaction goroutine is running; used by the writer only
 
-	f         *os.File // open and locked; used by the writer only
+	f         *os.File // open and locked; replaced and written by the writer only, synced by the syncer
 	size      int64    // bytes of lines in f
 	allocated int64    // bytes in f: its lines, then zeros (see journalReserveBytes)
-	reserveAt int64    // the size from which a reserve is tried again, after one failed
+	reserveAt int64    // after a reserve failed, the size from which one is tried again; 0 for a new file
 	compactAt int64    // the size at which f is next compacted
 	done      chan struct{}
 }
@@ -256,7 +259,7 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 		return fail(err)
 	}
 	if r.torn != nil {
-		log.Warn("dropping torn last line of the journal", "file", path, "bytes", r.written-r.good, "why", r.torn.Error())
+		log.Warn("dropping torn last line of the journal", "file", path, "bytes", r.dropped, "why", r.torn.Error())
 	}
 	good := r.good
 	if end != good { // a torn line, or the zeros written ahead, or both
@@ -455,18 +458,20 @@ func (c *replayChunk) decode() {
 // replayEnd is where replay found the journal's lines to end.
 type replayEnd struct {
 	good    int64 // the offset after the last good line
-	written int64 // the offset of the first zero byte, or the file's size
-	torn    error // why the bytes from good to written are not a line; nil if there are none
+	dropped int64 // bytes after it that are not zeros: a torn write
+	torn    error // what was wrong with them; nil if there are none
 }
 
 // replay applies every whole line of the journal to reg and says where
 // they end. The lines end at the first zero byte, where the zeros the
-// writer wrote ahead begin (see journalReserveBytes): no line holds one,
-// and nothing after it was made durable, since every sync covers all that
-// was written before it. Bytes after the last newline are a torn write. A
-// last line that cannot be decoded (or whose checksum fails) is taken for
-// a torn write too; such a line anywhere else is an error. Replay stops,
-// with an error, when ctx ends.
+// writer wrote ahead begin (see journalReserveBytes): no line holds one.
+// Bytes after the last newline are a torn write. A last line that cannot
+// be decoded (or whose checksum fails) is taken for a torn write too;
+// such a line anywhere else is an error. After the zeros there should be
+// nothing: bytes that hold no line are a torn write too, but a line with
+// a good checksum there means lines were lost before it (a damaged disk,
+// or a power cut with writes unsynced), and is an error that names the
+// offsets. Replay stops, with an error, when ctx ends.
 //
 // Decoding the JSON is most of the work, so it is spread over the CPUs:
 // the file is read in chunks of whole lines, decoded at once, and applied
@@ -482,6 +487,7 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 	var (
 		readErr  error
 		written  int64 // bytes read before the first zero byte
+		zeros    bool  // a zero byte was found
 		leftover int   // bytes after the last newline
 	)
 	var wg sync.WaitGroup
@@ -496,7 +502,7 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 		for {
 			n, err := io.ReadFull(f, buf[len(buf):cap(buf)])
 			if i := bytes.IndexByte(buf[len(buf):len(buf)+n], 0); i >= 0 {
-				n, err = i, io.EOF // the zeros written ahead: the lines end here
+				n, err, zeros = i, io.EOF, true // the zeros written ahead: the lines end here
 			}
 			written += int64(n)
 			buf = buf[:len(buf)+n]
@@ -566,11 +572,61 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 	if readErr != nil {
 		return replayEnd{}, journalError(path, readErr)
 	}
-	r.written = written
+	r.dropped = written - r.good
 	if r.torn == nil && leftover > 0 {
 		r.torn = errors.New("no newline at the end")
 	}
+	if zeros {
+		after, lineAt, err := afterZeros(f, written)
+		switch {
+		case err != nil:
+			return replayEnd{}, journalError(path, err)
+		case lineAt >= 0:
+			return replayEnd{}, fmt.Errorf("journal %s: its lines end at byte %d, where zeros begin, but a whole line follows at byte %d: "+
+				"lines were lost (a damaged disk, or a power cut before a sync). The file is left as it is; to start from the lines "+
+				"before byte %d, keep a copy, then truncate the file there (truncate -s %d %s)", path, written, lineAt, written, written, path)
+		case after > 0:
+			r.dropped += after
+			if r.torn == nil {
+				r.torn = fmt.Errorf("zeros at byte %d, then %d bytes that hold no whole line", written, after)
+			}
+		}
+	}
 	return r, nil
+}
+
+// afterZeros reads the journal from the first zero byte, at off, to its
+// end, and returns how many bytes are not zeros and, if one of them
+// starts a whole line with a good checksum, where (-1 if none does).
+func afterZeros(f *os.File, off int64) (after, lineAt int64, err error) {
+	rest, err := io.ReadAll(io.NewSectionReader(f, off, math.MaxInt64-off))
+	if err != nil {
+		return 0, -1, err
+	}
+	for i := 0; i < len(rest); {
+		if rest[i] == 0 {
+			i++
+			continue
+		}
+		end := bytes.IndexAny(rest[i:], "\x00\n")
+		if end < 0 {
+			return after + int64(len(rest)-i), -1, nil
+		}
+		if rest[i+end] == '\n' {
+			if checksummed(rest[i : i+end+1]) {
+				return after, off + int64(i), nil
+			}
+			end++ // the newline is dropped with the rest
+		}
+		after += int64(end)
+		i += end
+	}
+	return after, -1, nil
+}
+
+// checksummed reports whether a line ends with a checksum, and it matches.
+func checksummed(line []byte) bool {
+	return len(line) >= crcTailLen && bytes.HasPrefix(line[len(line)-crcTailLen:], []byte(crcTag)) && checkLine(line) == nil
 }
 
 // Every journal line ends with its checksum: crcTag, then the CRC-32C of
@@ -952,7 +1008,7 @@ func (s *store) retry() bool {
 		s.failing = err
 		return !closing
 	}
-	s.size, s.allocated = int64(len(data)), int64(len(data))
+	s.size, s.allocated, s.reserveAt = int64(len(data)), int64(len(data)), 0
 	s.compactAt = max(compactMinBytes, compactFactor*s.size)
 	s.m.compactions.Add(1)
 	s.log.Info("journal writable again", "file", s.path, "bytes", len(data),
@@ -1146,7 +1202,7 @@ func (s *store) install(c *compaction, rest, taken []byte, lsn uint64) error {
 	}
 	switch {
 	case err == nil:
-		s.size, s.allocated = c.size, c.size
+		s.size, s.allocated, s.reserveAt = c.size, c.size, 0
 		s.compactAt = max(compactMinBytes, compactFactor*s.size)
 		s.m.compactions.Add(1)
 		s.log.Info("journal compacted", "file", s.path, "bytes", s.size)

@@ -401,9 +401,10 @@ func TestJournalReserve(t *testing.T) {
 
 // TestReplayTornTail checks that bytes after the last newline, which a
 // crash in the middle of a write leaves, are dropped with a warning and
-// cut from the file; that the zeros the writer writes ahead of its lines
-// end them, with no warning, whatever follows (it was never synced); and
-// that a file ending on a newline is left alone.
+// cut from the file, and so are bytes after the zeros the writer writes
+// ahead of its lines that hold no whole line; that the zeros alone end
+// the lines with no warning; and that a file ending on a newline is left
+// alone.
 func TestReplayTornTail(t *testing.T) {
 	whole := journalText(everyKindOfLine...)
 	zeros := string(make([]byte, 4096))
@@ -417,8 +418,8 @@ func TestReplayTornTail(t *testing.T) {
 		{"last line whose checksum fails", flipByte(withChecksum(everyKindOfLine[2]), 60) + "\n", true},
 		{"partial line, then zeros", `{"kind":"message","app":"a1","mai` + zeros, true},
 		{"zeros", zeros, false},
-		{"zeros ending with a newline", string(make([]byte, 100)) + "\n", false},
-		{"zeros, then a line never synced", zeros + withChecksum(everyKindOfLine[2]) + "\n" + zeros, false},
+		{"zeros ending with a newline", string(make([]byte, 100)) + "\n", true},
+		{"zeros, then part of a line", zeros + withChecksum(everyKindOfLine[2])[:40] + zeros, true},
 		{"nothing", "", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -455,6 +456,27 @@ func TestReplayTornTail(t *testing.T) {
 				t.Fatalf("line appended after the torn tail was not replayed: %+v", st)
 			}
 		})
+	}
+}
+
+// TestReplayLinesAfterZeros zeroes a block in the middle of a journal's
+// lines, as a damaged disk (or a power cut with writes unsynced) can:
+// start-up must refuse, naming where the lines end and where whole lines
+// follow, and leave the file as it was, rather than drop what follows.
+func TestReplayLinesAfterZeros(t *testing.T) {
+	var lines []string
+	for i := range 200 {
+		lines = append(lines, withChecksum(fmt.Sprintf(`{"kind":"mailbox","app":"a","mailbox":"m%d","updated":%d}`, i, i+1)))
+	}
+	data := []byte(journalText(lines...))
+	clear(data[4096:8192])
+	path := writeJournal(t, string(data))
+	_, _, _, err := openTestStore(t, path)
+	if err == nil || !strings.Contains(err.Error(), "its lines end at byte ") || !strings.Contains(err.Error(), "but a whole line follows at byte ") {
+		t.Fatalf("start-up on a journal with lines after zeros: %v, want an error naming both", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(after, data) {
+		t.Errorf("the file was changed: %d bytes, was %d", len(after), len(data))
 	}
 }
 
