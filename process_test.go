@@ -704,6 +704,11 @@ func TestDiskFull(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.WriteFile(saved, data, 0o600)
+	// b never reads the 390 kB of messages its open was sent, so the
+	// server's going-away close would wait behind them for the whole
+	// shutdown timeout; the clients leave first.
+	a.raw.Close()
+	b.raw.Close()
 	d.signal(syscall.SIGTERM)
 	if err := d.wait(); err != nil {
 		t.Fatalf("the server exited with %v", err)
