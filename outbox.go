@@ -176,9 +176,9 @@ func (c *connection) startWriterLocked() {
 }
 
 // runWriter is the writer goroutine: it writes the outbox until it is empty
-// (or held). Each pass waits for the journal to hold what the first frame
-// reports, then sends every frame from the front that the journal holds
-// by then, in one system call. So frames leave in order, each as soon as
+// (or held). Each pass sends every frame from the front that the journal
+// holds, in one system call; when the first frame is not yet durable, it
+// waits for the journal first. So frames leave in order, each as soon as
 // it and those before it may: a reply is not held back by a later
 // command's changes, nor sent in a pass of its own when the same sync
 // covered the frames queued after it. While the journal is unwritable a
@@ -186,23 +186,28 @@ func (c *connection) startWriterLocked() {
 func (c *connection) runWriter() {
 	for {
 		c.outMu.Lock()
-		if len(c.outbox) == 0 || c.held {
-			c.flushing = false
-			if c.flushDone != nil && len(c.outbox) == 0 {
-				close(c.flushDone)
-				c.flushDone = nil
+		frames := c.takeDurableLocked()
+		if len(frames) == 0 {
+			if len(c.outbox) == 0 || c.held {
+				c.flushing = false
+				if c.flushDone != nil && len(c.outbox) == 0 {
+					close(c.flushDone)
+					c.flushDone = nil
+				}
+				c.outMu.Unlock()
+				return
 			}
+			first := c.outbox[0].lsn // not yet durable
 			c.outMu.Unlock()
-			return
-		}
-		first := c.outbox[0].lsn
-		c.outMu.Unlock()
-		err := c.srv.reg.journal.waitDurable(first, c.isClosing)
-		if err == nil {
-			if frames := c.takeDurable(); len(frames) > 0 {
-				err = c.writeBatch(frames)
+			if err := c.srv.reg.journal.waitDurable(first, c.isClosing); err != nil {
+				c.outMu.Lock()
+				c.failLocked(netFailure(err, errSlowClient))
+				c.outMu.Unlock()
 			}
+			continue
 		}
+		c.outMu.Unlock()
+		err := c.writeBatch(frames)
 		c.outMu.Lock()
 		c.srv.outboxBytes.Add(-int64(c.sending))
 		c.sending = 0
@@ -215,15 +220,14 @@ func (c *connection) runWriter() {
 	}
 }
 
-// takeDurable takes, for a pass of the writer, the frames at the front of
-// the outbox whose journal positions are durable; none while held.
-func (c *connection) takeDurable() []outFrame {
-	durable := c.srv.reg.journal.durableLSN()
-	c.outMu.Lock()
-	defer c.outMu.Unlock()
+// takeDurableLocked takes, for a pass of the writer, the frames at the
+// front of the outbox whose journal positions are durable; none while
+// held.
+func (c *connection) takeDurableLocked() []outFrame {
 	if c.held {
 		return nil
 	}
+	durable := c.srv.reg.journal.durableLSN()
 	n := 0
 	for n < len(c.outbox) && c.outbox[n].lsn <= durable {
 		c.sending += len(c.outbox[n].data)
