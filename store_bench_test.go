@@ -462,24 +462,18 @@ func BenchmarkFsync(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			sync := f.Sync
+			if mode.reserve {
+				sync = func() error { return datasync(f) }
+			}
 			waits := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for i := range b.N {
 				start := time.Now()
-				if mode.reserve {
-					_, err = f.WriteAt(line, int64(i*len(line)))
-				} else {
-					_, err = f.Write(line)
-				}
-				if err != nil {
+				if _, err := f.WriteAt(line, int64(i*len(line))); err != nil { // after the last line: over zeros, or at the end
 					b.Fatal(err)
 				}
-				if mode.reserve {
-					err = datasync(f)
-				} else {
-					err = f.Sync()
-				}
-				if err != nil {
+				if err := sync(); err != nil {
 					b.Fatal(err)
 				}
 				waits = append(waits, time.Since(start))
