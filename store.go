@@ -1008,8 +1008,7 @@ func (s *store) retry() bool {
 		s.failing = err
 		return !closing
 	}
-	s.size, s.allocated, s.reserveAt = int64(len(data)), int64(len(data)), 0
-	s.compactAt = max(compactMinBytes, compactFactor*s.size)
+	s.rewritten(int64(len(data)))
 	s.m.compactions.Add(1)
 	s.log.Info("journal writable again", "file", s.path, "bytes", len(data),
 		"unwritable_for", time.Since(s.failedAt).Round(time.Millisecond))
@@ -1034,6 +1033,14 @@ func (s *store) write(batch []byte) error {
 	s.size, s.allocated = end, max(s.allocated, end)
 	s.m.journalBytes.Add(int64(len(batch)))
 	return nil
+}
+
+// rewritten records that the file was replaced by a rewrite of the live
+// state, size bytes (a compaction's or a retry's): no zeros follow its
+// lines yet, and it is next compacted at compactFactor times its size.
+func (s *store) rewritten(size int64) {
+	s.size, s.allocated, s.reserveAt = size, size, 0
+	s.compactAt = max(compactMinBytes, compactFactor*size)
 }
 
 // reserve extends the journal file with zeros to size bytes; the next
@@ -1202,8 +1209,7 @@ func (s *store) install(c *compaction, rest, taken []byte, lsn uint64) error {
 	}
 	switch {
 	case err == nil:
-		s.size, s.allocated, s.reserveAt = c.size, c.size, 0
-		s.compactAt = max(compactMinBytes, compactFactor*s.size)
+		s.rewritten(c.size)
 		s.m.compactions.Add(1)
 		s.log.Info("journal compacted", "file", s.path, "bytes", s.size)
 		s.mu.Lock()
