@@ -1136,19 +1136,20 @@ func TestSyncPipelined(t *testing.T) {
 		t.Fatalf("while the first add's sync was in flight, the client got %s", got)
 	}
 
+	// expectAdd reads the ack and the echo of the add with this id.
+	expectAdd := func(id string) {
+		t.Helper()
+		for _, want := range []string{"ack", "message"} {
+			if m := a.next(); m.typ() != want || want == "message" && m.str("id") != id {
+				t.Fatalf("after the sync of the add %q, the client got %v, want its %s", id, m, want)
+			}
+		}
+	}
 	release <- struct{}{}
 	waitStarted("for the second add, once the first's sync ended")
-	for _, want := range []string{"ack", "message"} {
-		if m := a.next(); m.typ() != want || want == "message" && m.str("id") != "first" {
-			t.Fatalf("after the first add's sync, the client got %v, want the first add's %s", m, want)
-		}
-	}
+	expectAdd("first")
 	release <- struct{}{}
-	for _, want := range []string{"ack", "message"} {
-		if m := a.next(); m.typ() != want || want == "message" && m.str("id") != "during" {
-			t.Fatalf("after the second add's sync, the client got %v, want the second add's %s", m, want)
-		}
-	}
+	expectAdd("during")
 }
 
 // TestJournalUnwritable makes the journal fail under a running server and
