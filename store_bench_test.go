@@ -64,11 +64,7 @@ func BenchmarkJournalAppend(b *testing.B) {
 					go func() {
 						defer wg.Done()
 						for next.Add(1) <= int64(b.N) {
-							reg.mu.Lock()
-							s.message(mb, message{side: "side", phase: "pake", body: pakeBody, serverRx: 1, id: jsonNull})
-							lsn := s.lastLSN()
-							reg.mu.Unlock()
-							if err := s.waitDurable(lsn, nil); err != nil {
+							if err := appendDurable(reg, mb); err != nil {
 								b.Error(err)
 								return
 							}
@@ -83,6 +79,17 @@ func BenchmarkJournalAppend(b *testing.B) {
 			})
 		}
 	}
+}
+
+// appendDurable journals a PAKE-sized message in mb, as a client's add
+// does, and waits for it to be durable, as its connection waits before
+// sending the echo.
+func appendDurable(reg *registry, mb *mailbox) error {
+	reg.mu.Lock()
+	reg.journal.message(mb, message{side: "side", phase: "pake", body: pakeBody, serverRx: 1, id: jsonNull})
+	lsn := reg.journal.lastLSN()
+	reg.mu.Unlock()
+	return reg.journal.waitDurable(lsn, nil)
 }
 
 // nullSender is a sender that keeps only the frames of the message being
@@ -380,11 +387,7 @@ func BenchmarkCompactionLatency(b *testing.B) {
 					default:
 					}
 					start := time.Now()
-					reg.mu.Lock()
-					s.message(mb, message{side: "side", phase: "pake", body: pakeBody, serverRx: 1, id: jsonNull})
-					lsn := s.lastLSN()
-					reg.mu.Unlock()
-					if err := s.waitDurable(lsn, nil); err != nil {
+					if err := appendDurable(reg, mb); err != nil {
 						b.Error(err)
 						return
 					}
