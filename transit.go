@@ -397,29 +397,32 @@ func newTransitRelay(cfg transitConfig, log *slog.Logger, m *metrics, usage *usa
 
 // start opens the TCP and WebSocket listeners the configuration asks for.
 func (r *transitRelay) start(listenTCP func(string) (net.Listener, error)) error {
-	if r.cfg.port != "" {
-		addr, err := listenAddress(r.cfg.port)
+	// listen opens the listener for the endpoint a flag gives.
+	listen := func(flag, endpoint string) (net.Listener, error) {
+		addr, err := listenAddress(endpoint)
 		if err != nil {
-			return fmt.Errorf("--transit-port: %w", err)
+			return nil, fmt.Errorf("%s: %w", flag, err)
 		}
 		ln, err := listenTCP(addr)
 		if err != nil {
-			return fmt.Errorf("--transit-port: %w", err)
+			return nil, fmt.Errorf("%s: %w", flag, err)
 		}
 		r.listeners = append(r.listeners, ln)
+		return ln, nil
+	}
+	if r.cfg.port != "" {
+		ln, err := listen("--transit-port", r.cfg.port)
+		if err != nil {
+			return err
+		}
 		r.log.Info("transit relay listening", "hint", "tcp:"+ln.Addr().String())
 		go r.serveTCP(ln)
 	}
 	if r.cfg.websocket != "" {
-		addr, err := listenAddress(r.cfg.websocket)
+		ln, err := listen("--transit-websocket", r.cfg.websocket)
 		if err != nil {
-			return fmt.Errorf("--transit-websocket: %w", err)
+			return err
 		}
-		ln, err := listenTCP(addr)
-		if err != nil {
-			return fmt.Errorf("--transit-websocket: %w", err)
-		}
-		r.listeners = append(r.listeners, ln)
 		r.wsServer = &http.Server{Handler: http.HandlerFunc(r.serveWebSocket), ReadHeaderTimeout: readHeaderTimeout,
 			MaxHeaderBytes: maxHeaderBytes, IdleTimeout: httpIdleTimeout, ErrorLog: httpErrorLog(r.log, r.blurLog)}
 		r.log.Info("transit websocket listening", "hint", "ws://"+ln.Addr().String()+"/")
