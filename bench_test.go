@@ -1,7 +1,7 @@
 // bench_test.go holds the in-process benchmarks: whole transfers through
-// a real listener (with the journal durable, as in production, and
-// without), and the protocol's handling of one transfer's messages
-// without any network. Side-by-side figures against the reference server
+// a real listener (with the journal durable, as in production; with each
+// sync replaced by a wait as long as an idle disk's; and without), and
+// the protocol's handling of one transfer's messages without any network. Side-by-side figures against the reference server
 // come from the load command and scripts/compare-reference.
 package main
 
@@ -22,19 +22,25 @@ const benchPairs = 10
 
 // BenchmarkTransfer runs whole transfers, with the journal's syncs timed:
 // how long one takes under the load is what each step of a transfer
-// waits for.
+// waits for. The idle-sync case replaces each sync with a wait as long as
+// one takes on this disk when nothing else runs (see idleSyncTime): the
+// server's own cost of durability, without what the kernel's block path
+// costs under load. CPU per transfer is the process's: the server's and
+// the load driver's.
 func BenchmarkTransfer(b *testing.B) {
 	for _, mode := range []struct {
 		name      string
 		channelDB string
 		fsync     bool
 		pairs     int
+		idleSync  bool
 	}{
-		{"fsync/pairs=1", "channel.jsonl", true, 1},
-		{"fsync/pairs=10", "channel.jsonl", true, benchPairs},
-		{"fsync/pairs=64", "channel.jsonl", true, 64},
-		{"nofsync/pairs=10", "channel.jsonl", false, benchPairs},
-		{"memory/pairs=10", ":memory:", false, benchPairs},
+		{"fsync/pairs=1", "channel.jsonl", true, 1, false},
+		{"fsync/pairs=10", "channel.jsonl", true, benchPairs, false},
+		{"fsync/pairs=64", "channel.jsonl", true, 64, false},
+		{"idle-sync/pairs=10", "channel.jsonl", true, benchPairs, true},
+		{"nofsync/pairs=10", "channel.jsonl", false, benchPairs, false},
+		{"memory/pairs=10", ":memory:", false, benchPairs, false},
 	} {
 		b.Run(mode.name, func(b *testing.B) {
 			cfg := testConfig()
@@ -43,6 +49,11 @@ func BenchmarkTransfer(b *testing.B) {
 			if mode.channelDB != ":memory:" {
 				cfg.channelDB = filepath.Join(b.TempDir(), mode.channelDB)
 			}
+			syncFile, idle := datasync, time.Duration(0)
+			if mode.idleSync {
+				idle = idleSyncTime(b)
+				syncFile = func(*os.File) error { time.Sleep(idle); return nil }
+			}
 			ts := startServer(b, cfg)
 			var synced atomic.Int64 // nanoseconds spent in syncs
 			if j := ts.reg.journal; j != nil {
@@ -50,7 +61,7 @@ func BenchmarkTransfer(b *testing.B) {
 				j.syncFile = func(f *os.File) error {
 					start := time.Now()
 					defer func() { synced.Add(int64(time.Since(start))) }()
-					return datasync(f)
+					return syncFile(f)
 				}
 				j.mu.Unlock()
 			}
@@ -62,7 +73,7 @@ func BenchmarkTransfer(b *testing.B) {
 				wg        sync.WaitGroup
 			)
 			b.ResetTimer()
-			start := time.Now()
+			start, cpu := time.Now(), procCPU(os.Getpid())
 			for range mode.pairs {
 				wg.Add(1)
 				go func() {
@@ -82,6 +93,7 @@ func BenchmarkTransfer(b *testing.B) {
 			wg.Wait()
 			b.StopTimer()
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "transfers/s")
+			b.ReportMetric((procCPU(os.Getpid())-cpu).Seconds()*1000/float64(b.N), "cpu-ms/transfer")
 			b.ReportMetric(percentile(latencies, 0.50).Seconds()*1000, "relay-p50-ms")
 			b.ReportMetric(percentile(latencies, 0.99).Seconds()*1000, "relay-p99-ms")
 			ts.reg.journal.waitDurable(ts.reg.journal.lastLSN(), nil)
@@ -90,8 +102,20 @@ func BenchmarkTransfer(b *testing.B) {
 			if syncs > 0 {
 				b.ReportMetric(float64(synced.Load())/float64(syncs)/1e6, "sync-mean-ms")
 			}
+			if idle > 0 {
+				b.ReportMetric(idle.Seconds()*1000, "idle-sync-ms")
+			}
 		})
 	}
+}
+
+// idleSyncTime is how long this disk takes to make one journal line
+// durable when nothing else runs: the median of idleSyncLines, each
+// written over zeros and synced with datasync, as the journal does.
+func idleSyncTime(b *testing.B) time.Duration {
+	const idleSyncLines = 200
+	waits := lineSyncs(b, idleSyncLines, true)
+	return waits[len(waits)/2]
 }
 
 // BenchmarkHandleTransfer measures the server's protocol work for one

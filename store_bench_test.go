@@ -440,51 +440,57 @@ func BenchmarkCompactionLatency(b *testing.B) {
 }
 
 // BenchmarkFsync measures this disk's sync of one journal-sized line per
-// op, as the writer syncs a batch of one: appended and synced with fsync
-// (the file grows, so its inode is written too), and written over zeros
-// already on the disk and synced with datasync, as the journal does (see
-// journalReserveBytes). The figures stand beside the journal's in the
-// README.
+// op, as the writer syncs a batch of one (see lineSyncs). The figures
+// stand beside the journal's in the README.
 func BenchmarkFsync(b *testing.B) {
-	line := append(bytes.Repeat([]byte("x"), 299), '\n')
 	for _, mode := range []struct {
-		name    string
-		reserve bool
+		name      string
+		overZeros bool
 	}{{"append+fsync", false}, {"over-zeros+fdatasync", true}} {
 		b.Run(mode.name, func(b *testing.B) {
-			f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer f.Close()
-			if mode.reserve {
-				if _, err := f.Write(make([]byte, b.N*len(line))); err != nil {
-					b.Fatal(err)
-				}
-				if err := f.Sync(); err != nil {
-					b.Fatal(err)
-				}
-			}
-			sync := f.Sync
-			if mode.reserve {
-				sync = func() error { return datasync(f) }
-			}
-			waits := make([]time.Duration, 0, b.N)
-			b.ResetTimer()
-			for i := range b.N {
-				start := time.Now()
-				if _, err := f.WriteAt(line, int64(i*len(line))); err != nil { // after the last line: over zeros, or at the end
-					b.Fatal(err)
-				}
-				if err := sync(); err != nil {
-					b.Fatal(err)
-				}
-				waits = append(waits, time.Since(start))
-			}
+			waits := lineSyncs(b, b.N, mode.overZeros)
 			b.StopTimer()
-			slices.Sort(waits)
 			b.ReportMetric(float64(waits[len(waits)/2])/1e6, "p50-ms")
 			b.ReportMetric(float64(waits[len(waits)*99/100])/1e6, "p99-ms")
 		})
 	}
+}
+
+// lineSyncs writes n journal-sized lines to a new file, one at a time,
+// syncs each, and returns how long each took, sorted; the benchmark's
+// timer starts after the file is set up. With overZeros the lines are
+// written over zeros already on the disk and synced with datasync, as the
+// journal's are (see journalReserveBytes); otherwise each is appended and
+// synced with fsync, so the file's inode is written too.
+func lineSyncs(b *testing.B, n int, overZeros bool) []time.Duration {
+	line := append(bytes.Repeat([]byte("x"), 299), '\n')
+	f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	sync := f.Sync
+	if overZeros {
+		if _, err := f.Write(make([]byte, n*len(line))); err != nil {
+			b.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		sync = func() error { return datasync(f) }
+	}
+	waits := make([]time.Duration, n)
+	b.ResetTimer()
+	for i := range waits {
+		start := time.Now()
+		if _, err := f.WriteAt(line, int64(i*len(line))); err != nil { // after the last line: over zeros, or at the end
+			b.Fatal(err)
+		}
+		if err := sync(); err != nil {
+			b.Fatal(err)
+		}
+		waits[i] = time.Since(start)
+	}
+	slices.Sort(waits)
+	return waits
 }
