@@ -399,6 +399,68 @@ func TestJournalReserve(t *testing.T) {
 	}
 }
 
+// TestJournalReserveAfterCompaction checks that a reserve the disk had no
+// room for is tried again on the file a compaction makes: a file size
+// limit (RLIMIT_FSIZE) stops the first reserve short, as a full disk
+// would, and once the limit is lifted and the journal compacted, the next
+// line is written over a whole reserve of zeros.
+func TestJournalReserveAfterCompaction(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "channel.jsonl")
+	reg, s, _, err := openTestStore(t, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	add := func(id string) {
+		t.Helper()
+		reg.mu.Lock()
+		reg.journal.mailbox(&mailbox{app: &app{id: "a"}, id: id, updated: 400})
+		lsn := reg.journal.lastLSN()
+		reg.mu.Unlock()
+		if err := s.waitDurable(lsn, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	size := func() int64 {
+		t.Helper()
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	const limit = 256 << 10 // under journalReserveBytes
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &old); err != nil {
+		t.Fatal(err)
+	}
+	lifted := false
+	lift := func() {
+		if !lifted {
+			lifted = true
+			if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	defer lift()
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &syscall.Rlimit{Cur: limit, Max: old.Max}); err != nil {
+		t.Skipf("cannot limit the file size: %v", err)
+	}
+	add("m1")
+	lift()
+	if got := size(); got != limit {
+		t.Fatalf("with room for %d bytes, the file is %d bytes; want the reserve stopped there", limit, got)
+	}
+	if _, err := s.compact(); err != nil {
+		t.Fatal(err)
+	}
+	add("m2")
+	if got := size(); got < journalReserveBytes {
+		t.Errorf("after a compaction, with room again, the file is %d bytes; want a reserve of %d", got, journalReserveBytes)
+	}
+}
+
 // TestReplayTornTail checks that bytes after the last newline, which a
 // crash in the middle of a write leaves, are dropped with a warning and
 // cut from the file, and so are bytes after the zeros the writer writes
