@@ -471,7 +471,11 @@ type replayEnd struct {
 // nothing: bytes that hold no line are a torn write too, but a line with
 // a good checksum there means lines were lost before it (a damaged disk,
 // or a power cut with writes unsynced), and is an error that names the
-// offsets. Replay stops, with an error, when ctx ends.
+// offsets. Bytes are dropped as a torn write only if the server could have
+// written them (see notWritten); any others mean the file is not a
+// journal (a compressed backup given by mistake, say), and are an error
+// too, so that such a file is left as it is rather than cut. Replay
+// stops, with an error, when ctx ends.
 //
 // Decoding the JSON is most of the work, so it is spread over the CPUs:
 // the file is read in chunks of whole lines, decoded at once, and applied
@@ -576,11 +580,26 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 	if r.torn == nil && leftover > 0 {
 		r.torn = errors.New("no newline at the end")
 	}
+	if r.dropped > 0 {
+		torn := make([]byte, r.dropped)
+		if _, err := f.ReadAt(torn, r.good); err != nil {
+			return replayEnd{}, journalError(path, err)
+		}
+		if at := notWritten(torn, true); at >= 0 {
+			return replayEnd{}, notAJournal(path, r.good+int64(at), torn[at], r.good)
+		}
+	}
 	if zeros {
-		after, lineAt, err := afterZeros(f, written)
+		after, lineAt, badAt, err := afterZeros(f, written)
 		switch {
 		case err != nil:
 			return replayEnd{}, journalError(path, err)
+		case badAt >= 0:
+			b := make([]byte, 1)
+			if _, err := f.ReadAt(b, badAt); err != nil {
+				return replayEnd{}, journalError(path, err)
+			}
+			return replayEnd{}, notAJournal(path, badAt, b[0], written)
 		case lineAt >= 0:
 			return replayEnd{}, fmt.Errorf("journal %s: its lines end at byte %d, where zeros begin, but a whole line follows at byte %d: "+
 				"lines were lost (a damaged disk, or a power cut before a sync). The file is left as it is; to start from the lines "+
@@ -596,32 +615,76 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 }
 
 // afterZeros reads the journal from the first zero byte, at off, to its
-// end, and returns how many bytes are not zeros and, if one of them
-// starts a whole line with a good checksum, where (-1 if none does).
-func afterZeros(f *os.File, off int64) (after, lineAt int64, err error) {
+// end, and returns how many bytes are not zeros; where one of them starts
+// a whole line with a good checksum; and where the first is that the
+// server could not have written (see notWritten). Each is -1 if there is
+// none. Lines hold no zero byte, so what a torn write leaves after the
+// zeros is whole sectors of a batch: each run of bytes begins a sector.
+func afterZeros(f *os.File, off int64) (after, lineAt, badAt int64, err error) {
 	rest, err := io.ReadAll(io.NewSectionReader(f, off, math.MaxInt64-off))
 	if err != nil {
-		return 0, -1, err
+		return 0, -1, -1, err
 	}
 	for i := 0; i < len(rest); {
 		if rest[i] == 0 {
 			i++
 			continue
 		}
+		if rest[i-1] == 0 && (off+int64(i))%sectorBytes != 0 {
+			return after, -1, off + int64(i), nil // not the start of a sector the disk wrote whole
+		}
 		end := bytes.IndexAny(rest[i:], "\x00\n")
 		if end < 0 {
-			return after + int64(len(rest)-i), -1, nil
-		}
-		if rest[i+end] == '\n' {
+			end = len(rest) - i
+		} else if rest[i+end] == '\n' {
 			if checksummed(rest[i : i+end+1]) {
-				return after, off + int64(i), nil
+				return after, off + int64(i), -1, nil
 			}
 			end++ // the newline is dropped with the rest
+		}
+		if at := notWritten(rest[i:i+end], false); at >= 0 {
+			return after, -1, off + int64(i+at), nil
 		}
 		after += int64(end)
 		i += end
 	}
-	return after, -1, nil
+	return after, -1, -1, nil
+}
+
+// sectorBytes is the smallest piece a disk writes whole: a write cut off
+// by a power cut leaves each sector old or new.
+const sectorBytes = 512
+
+// lineStart is how every journal line begins (see appendLine).
+const lineStart = `{"kind":`
+
+// notWritten returns the index of the first byte in b that the server
+// could not have written there, or -1 if there is none: lines are JSON
+// with control characters escaped, so of the bytes below 0x20 they hold
+// only the newline that ends each; and, if b begins a line (startsLine),
+// it begins as every line does.
+func notWritten(b []byte, startsLine bool) int {
+	if startsLine {
+		for i := range min(len(b), len(lineStart)) {
+			if b[i] != lineStart[i] {
+				return i
+			}
+		}
+	}
+	for i, c := range b {
+		if c < 0x20 && c != '\n' {
+			return i
+		}
+	}
+	return -1
+}
+
+// notAJournal is the error for a byte, at off, that the server could not
+// have written (see notWritten), in a file whose lines end at good.
+func notAJournal(path string, off int64, b byte, good int64) error {
+	return fmt.Errorf("journal %s: byte %d (%#02x) is not one the server writes there, so the file is not a channel journal, "+
+		"or is damaged. The file is left as it is; if it is the journal, to start from the lines before byte %d, keep a copy, "+
+		"then truncate the file there (truncate -s %d %s)", path, off, b, good, good, path)
 }
 
 // checksummed reports whether a line ends with a checksum, and it matches.

@@ -8,6 +8,7 @@ package main
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -464,12 +465,13 @@ func TestJournalReserveAfterCompaction(t *testing.T) {
 // TestReplayTornTail checks that bytes after the last newline, which a
 // crash in the middle of a write leaves, are dropped with a warning and
 // cut from the file, and so are bytes after the zeros the writer writes
-// ahead of its lines that hold no whole line; that the zeros alone end
-// the lines with no warning; and that a file ending on a newline is left
-// alone.
+// ahead of its lines that hold no whole line (whole sectors of a batch,
+// as a power cut leaves them); that the zeros alone end the lines with no
+// warning; and that a file ending on a newline is left alone.
 func TestReplayTornTail(t *testing.T) {
 	whole := journalText(everyKindOfLine...)
 	zeros := string(make([]byte, 4096))
+	toSector := string(make([]byte, 2*sectorBytes-len(whole)%sectorBytes)) // zeros to a sector's start after the lines
 	for _, tc := range []struct {
 		name, tail string
 		torn       bool // a warning is expected
@@ -480,8 +482,8 @@ func TestReplayTornTail(t *testing.T) {
 		{"last line whose checksum fails", flipByte(withChecksum(everyKindOfLine[2]), 60) + "\n", true},
 		{"partial line, then zeros", `{"kind":"message","app":"a1","mai` + zeros, true},
 		{"zeros", zeros, false},
-		{"zeros ending with a newline", string(make([]byte, 100)) + "\n", true},
-		{"zeros, then part of a line", zeros + withChecksum(everyKindOfLine[2])[:40] + zeros, true},
+		{"zeros, then a sector beginning with a newline", toSector + "\n", true},
+		{"zeros, then part of a line", toSector + withChecksum(everyKindOfLine[2])[:40] + zeros, true},
 		{"nothing", "", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -539,6 +541,46 @@ func TestReplayLinesAfterZeros(t *testing.T) {
 	}
 	if after, _ := os.ReadFile(path); !bytes.Equal(after, data) {
 		t.Errorf("the file was changed: %d bytes, was %d", len(after), len(data))
+	}
+}
+
+// TestReplayNotAJournal checks that a file given as the journal by
+// mistake is refused and left as it is, though a zero byte or the lack of
+// a last newline would have made replay take what follows for a torn
+// write: a compressed backup of a journal, the journal in UTF-16, and a
+// journal whose zeros are followed by bytes no line holds. The zeros alone
+// and a torn line are still dropped (TestReplayTornTail).
+func TestReplayNotAJournal(t *testing.T) {
+	text := journalText(everyKindOfLine...)
+	var gz bytes.Buffer
+	w := gzip.NewWriter(&gz)
+	w.Write([]byte(text))
+	w.Close()
+	var utf16 []byte
+	for _, c := range []byte(text) {
+		utf16 = append(utf16, c, 0)
+	}
+	for _, tc := range []struct {
+		name string
+		data []byte
+		at   string // the byte named
+	}{
+		{"gzip", gz.Bytes(), "byte 0 (0x1f)"},
+		{"UTF-16", utf16, "byte 2 (0x22)"},
+		{"text", []byte("journal backup of Monday\n"), "byte 0 (0x6a)"},
+		{"binary after the zeros", append([]byte(text+string(make([]byte, 4096))), "\x01\x02\x03"...),
+			fmt.Sprintf("byte %d (0x01)", len(text)+4096)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := writeJournal(t, string(tc.data))
+			_, _, _, err := openTestStore(t, path)
+			if err == nil || !strings.Contains(err.Error(), tc.at+" is not one the server writes there") {
+				t.Fatalf("start-up on a %s file: %v, want an error naming %s", tc.name, err, tc.at)
+			}
+			if after, _ := os.ReadFile(path); !bytes.Equal(after, tc.data) {
+				t.Errorf("the file was changed: %d bytes, was %d", len(after), len(tc.data))
+			}
+		})
 	}
 }
 
