@@ -391,18 +391,21 @@ func (s *session) handle(raw []byte) error {
 	defer reg.mu.Unlock()
 	// The ack is queued before the changes it acknowledges, so the
 	// frames wait (held) until the handling is done, and then for the
-	// journal to hold what it changed.
-	// A message that neither changes nor shows the registry (a ping, a
-	// bind, a change refused because the journal is unwritable) depends on
-	// no journal line, so its replies reach the client while the journal
-	// waits for the disk.
+	// journal to hold what it changed or what they show. A message that
+	// neither changes nor shows the registry (a ping, a bind, a refusal
+	// that is about the message itself, such as a missing field, or a
+	// change refused because the journal is unwritable) depends on no
+	// journal line, so its replies reach the client while the journal
+	// waits for the disk; frames still leave in order, after any earlier
+	// reply that waits.
 	s.out.hold()
 	s.handling = true
-	showsNothing := false
+	before := reg.journal.lastLSN()
+	showsRegistry := false
 	defer func() { // before the unlock: deferred calls run last first
 		s.handling = false
 		lsn := reg.journal.lastLSN()
-		if showsNothing {
+		if lsn == before && !showsRegistry {
 			lsn = 0
 		}
 		s.out.release(lsn)
@@ -418,15 +421,32 @@ func (s *session) handle(raw []byte) error {
 	}
 	s.send(ackFrame(id))
 	err = s.dispatchLocked(msg, now)
-	showsNothing = msg.typ() == "ping" || msg.typ() == "bind" || errors.Is(err, errCannotSave)
-	if err != nil {
-		var pe protocolError
-		if !errors.As(err, &pe) {
-			return err
-		}
+	var pe protocolError
+	switch {
+	case err == nil:
+		showsRegistry = msg.typ() != "ping" && msg.typ() != "bind"
+	case !errors.As(err, &pe):
+		showsRegistry = true
+		return err
+	default:
+		showsRegistry = pe.showsRegistry()
 		s.fail(pe, msg)
 	}
 	return nil
+}
+
+// showsRegistry reports whether the error tells the client something of
+// the registry, which may hold changes not yet durable: that a nameplate
+// is taken or released, or that the server or a mailbox is full. Every
+// other refusal is about the message, the connection's own earlier
+// messages, or its address's rate.
+func (e protocolError) showsRegistry() bool {
+	switch e {
+	case errCrowded, errReclaimed, errNoFreeNameplate, errTooManyNameplates, errTooManyMailboxes,
+		errTooManyMessages, errMailboxFull, errStoreFull, errTooManySubscribers:
+		return true
+	}
+	return false
 }
 
 func (s *session) fail(e protocolError, msg clientMessage) {

@@ -1301,6 +1301,15 @@ func TestJournalUnwritable(t *testing.T) {
 	if n := ts.metrics.clientErrors.Get(string(errCannotSave)); n == nil || n.String() != "3" {
 		t.Errorf("refusals counted: %v, want 3", n)
 	}
+	// So are refusals that are about the message itself.
+	d.expectError(`{"type": "bogus"}`, string(errUnknownType))
+	if got := d.do(`{}`); len(got) != 1 || got[0].str("error") != string(errMissingType) {
+		t.Fatalf("a message without a type got %v, want the error alone", got)
+	}
+	e, _ := ts.dial(t)
+	e.expectError(`{"type": "list"}`, string(errMustBind))
+	// A list may show changes not yet written: it waits with them.
+	d.send(`{"type": "list"}`)
 	a.raw.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 	var got []byte
 	if err := websocket.Message.Receive(a.ws, &got); err == nil {
@@ -1309,6 +1318,10 @@ func TestJournalUnwritable(t *testing.T) {
 	b.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 	if n, _ := b.raw.Read(make([]byte, 1)); n != 0 {
 		t.Fatal("a frame queued after one that waits for the journal, a pong, was sent before it was durable")
+	}
+	d.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if n, _ := d.raw.Read(make([]byte, 1)); n != 0 {
+		t.Fatal("while the journal was unwritable, a list was answered")
 	}
 
 	mend()
@@ -1321,6 +1334,12 @@ func TestJournalUnwritable(t *testing.T) {
 	}
 	if m := a.next(); m.typ() != "message" || m.str("body") != "02" {
 		t.Fatalf("after the journal came back, the client got %v, want its message", m)
+	}
+	if m := d.next(); m.typ() != "ack" {
+		t.Fatalf("after the journal came back, the lister got %v, want the ack it waited for", m)
+	}
+	if m := d.next(); m.typ() != "nameplates" {
+		t.Fatalf("after the journal came back, the lister got %v, want the list it waited for", m)
 	}
 	d.expect(`{"type": "open", "mailbox": "m"}`, "message", "message")
 	d.expect(`{"type": "add", "phase": "3", "body": "03", "id": "after"}`, "message")
