@@ -173,9 +173,9 @@ type store struct {
 	// snapshot returns the live state as journal lines with the LSN they
 	// cover, and takes the lines not yet written, which it includes.
 	snapshot func() (data []byte, lsn uint64, taken []byte)
-	// snapshotCarrying returns the live state as journal lines with the
-	// LSN they cover, and starts the carry (see beginCarry).
-	snapshotCarrying func() (live liveState, lsn uint64)
+	// snapshotCarrying returns the live state and starts the carry (see
+	// beginCarry), which holds every line appended after it.
+	snapshotCarrying func() liveState
 	// syncFile makes what was written to a file durable: datasync, or in
 	// a test a stand-in that holds a sync in flight.
 	syncFile func(*os.File) error
@@ -203,7 +203,7 @@ type store struct {
 	carry     []byte      // lines appended since the compaction's snapshot, not yet in its file
 	compacted *compaction // a compaction ready for the writer to finish (or discard)
 	// compactWanted asks the writer for a compaction now; the waiters
-	// are told its outcome.
+	// are told the outcome of the next compaction to begin.
 	compactWanted  bool
 	compactWaiters []chan compactResult
 
@@ -271,7 +271,7 @@ func openStore(ctx context.Context, path string, fsync bool, reg *registry, log 
 		compactAt: compactMinBytes, stop: make(chan struct{}), done: make(chan struct{})}
 	s.wake.L, s.advanced.L, s.syncWake.L = &s.mu, &s.mu, &s.mu
 	s.snapshot = func() ([]byte, uint64, []byte) { return reg.snapshot(s) }
-	s.snapshotCarrying = func() (liveState, uint64) { return reg.liveStateAt(s.beginCarry) }
+	s.snapshotCarrying = func() liveState { live, _ := reg.liveStateAt(s.beginCarry); return live }
 	if full != nil {
 		s.failLocked(full)
 	}
@@ -924,7 +924,6 @@ func (s *store) run() {
 			continue
 		}
 		if len(s.pending) == 0 && s.compactWanted {
-			s.compactWanted = false
 			s.mu.Unlock()
 			s.startCompaction()
 			continue
@@ -1123,12 +1122,12 @@ func (s *store) reserve(size int64) {
 }
 
 // compaction is a new journal file being made beside the journal: the
-// snapshot as of LSN lsn and the carry copied so far, size bytes, synced.
+// snapshot and the carry copied so far, size bytes, synced.
 type compaction struct {
-	tmp  *os.File
-	lsn  uint64
-	size int64
-	err  error // the file could not be made; it is discarded
+	tmp     *os.File
+	size    int64
+	err     error                // the file could not be made; it is discarded
+	waiters []chan compactResult // who asked for a compaction before it began (see compact)
 }
 
 // compactResult is what a compaction asked for by compact gave.
@@ -1141,8 +1140,14 @@ type compactResult struct {
 // writer.
 func (s *store) startCompaction() {
 	s.compacting = true
+	s.mu.Lock()
+	s.compactWanted = false
+	waiters := s.compactWaiters
+	s.compactWaiters = nil
+	s.mu.Unlock()
 	go func() {
 		c := s.prepareCompaction()
+		c.waiters = waiters
 		s.mu.Lock()
 		s.compacted = c
 		s.mu.Unlock()
@@ -1157,8 +1162,8 @@ func (s *store) startCompaction() {
 // rounds, until what is left is small. The writer goes on appending to
 // the old file all along.
 func (s *store) prepareCompaction() *compaction {
-	live, lsn := s.snapshotCarrying()
-	c := &compaction{lsn: lsn}
+	live := s.snapshotCarrying()
+	c := &compaction{}
 	tmp, err := os.CreateTemp(filepath.Dir(s.path), filepath.Base(s.path)+compactSuffix+"*")
 	if err != nil {
 		c.err = err
@@ -1229,8 +1234,6 @@ func (s *store) finishCompaction(c *compaction) {
 	s.mu.Lock()
 	rest := s.carry
 	s.carry, s.carrying = nil, false
-	waiters := s.compactWaiters
-	s.compactWaiters = nil
 	var taken []byte
 	lsn := s.durable.Load()
 	abandon := s.failing != nil || s.closing
@@ -1246,7 +1249,7 @@ func (s *store) finishCompaction(c *compaction) {
 	} else {
 		err = s.install(c, rest, taken, lsn)
 	}
-	for _, w := range waiters {
+	for _, w := range c.waiters {
 		w <- compactResult{lsn, err}
 	}
 }
