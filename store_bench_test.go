@@ -440,15 +440,17 @@ func BenchmarkCompactionLatency(b *testing.B) {
 }
 
 // BenchmarkFsync measures this disk's sync of one journal-sized line per
-// op, as the writer syncs a batch of one (see lineSyncs). The figures
-// stand beside the journal's in the README.
+// op, as the writer syncs a batch of one (see lineSyncs): appended and
+// synced with fsync, appended and synced with fdatasync, and written over
+// zeros and synced with fdatasync, as the journal does. The figures stand
+// beside the journal's in the README.
 func BenchmarkFsync(b *testing.B) {
 	for _, mode := range []struct {
-		name      string
-		overZeros bool
-	}{{"append+fsync", false}, {"over-zeros+fdatasync", true}} {
+		name                string
+		overZeros, datasync bool
+	}{{"append+fsync", false, false}, {"append+fdatasync", false, true}, {"over-zeros+fdatasync", true, true}} {
 		b.Run(mode.name, func(b *testing.B) {
-			waits := lineSyncs(b, b.N, mode.overZeros)
+			waits := lineSyncs(b, b.N, mode.overZeros, mode.datasync)
 			b.StopTimer()
 			b.ReportMetric(float64(waits[len(waits)/2])/1e6, "p50-ms")
 			b.ReportMetric(float64(waits[len(waits)*99/100])/1e6, "p99-ms")
@@ -457,19 +459,18 @@ func BenchmarkFsync(b *testing.B) {
 }
 
 // lineSyncs writes n journal-sized lines to a new file, one at a time,
-// syncs each, and returns how long each took, sorted; the benchmark's
-// timer starts after the file is set up. With overZeros the lines are
-// written over zeros already on the disk and synced with datasync, as the
-// journal's are (see journalReserveBytes); otherwise each is appended and
-// synced with fsync, so the file's inode is written too.
-func lineSyncs(b *testing.B, n int, overZeros bool) []time.Duration {
+// syncs each with fsync, or with datasync if fdatasync, and returns how
+// long each took, sorted; the benchmark's timer starts after the file is
+// set up. With overZeros the lines are written over zeros already on the
+// disk, as the journal's are (see journalReserveBytes); otherwise each is
+// appended, so the file's size changes with each.
+func lineSyncs(b *testing.B, n int, overZeros, fdatasync bool) []time.Duration {
 	line := append(bytes.Repeat([]byte("x"), 299), '\n')
 	f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	sync := f.Sync
 	if overZeros {
 		if _, err := f.Write(make([]byte, n*len(line))); err != nil {
 			b.Fatal(err)
@@ -477,6 +478,9 @@ func lineSyncs(b *testing.B, n int, overZeros bool) []time.Duration {
 		if err := f.Sync(); err != nil {
 			b.Fatal(err)
 		}
+	}
+	sync := f.Sync
+	if fdatasync {
 		sync = func() error { return datasync(f) }
 	}
 	waits := make([]time.Duration, n)

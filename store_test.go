@@ -404,7 +404,9 @@ func TestJournalReserve(t *testing.T) {
 // room for is tried again on the file a compaction makes: a file size
 // limit (RLIMIT_FSIZE) stops the first reserve short, as a full disk
 // would, and once the limit is lifted and the journal compacted, the next
-// line is written over a whole reserve of zeros.
+// line is written over a whole reserve of zeros. The limit holds for the
+// whole test process while it lasts, so the test runs alone (it is not
+// parallel) and lifts it as soon as the reserve has failed.
 func TestJournalReserveAfterCompaction(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "channel.jsonl")
 	reg, s, _, err := openTestStore(t, path)
