@@ -415,7 +415,7 @@ func (r *transitRelay) start(listenTCP func(string) (net.Listener, error)) error
 		if err != nil {
 			return err
 		}
-		r.log.Info("transit relay listening", "hint", "tcp:"+ln.Addr().String())
+		r.log.Info("transit relay listening", "endpoint", "tcp:"+ln.Addr().String())
 		go r.serveTCP(ln)
 	}
 	if r.cfg.websocket != "" {
@@ -425,7 +425,7 @@ func (r *transitRelay) start(listenTCP func(string) (net.Listener, error)) error
 		}
 		r.wsServer = &http.Server{Handler: http.HandlerFunc(r.serveWebSocket), ReadHeaderTimeout: readHeaderTimeout,
 			MaxHeaderBytes: maxHeaderBytes, IdleTimeout: httpIdleTimeout, ErrorLog: httpErrorLog(r.log, r.blurLog)}
-		r.log.Info("transit websocket listening", "hint", "ws://"+ln.Addr().String()+"/")
+		r.log.Info("transit websocket listening", "url", "ws://"+ln.Addr().String()+"/")
 		go r.wsServer.Serve(ln)
 	}
 	return nil
@@ -1261,13 +1261,15 @@ func (p *transitPair) cut(why error, hard bool) {
 func (p *transitPair) relayFrom(src, dst *transitConn) error {
 	r := p.relay
 	idle := r.cfg.maxIdle
-	if len(src.early) > 0 {
+	bucket := src.bucket()
+	if len(src.early) > 0 { // charged like the rest, or a pair could pass its byte limit by it
 		dst.raw.SetWriteDeadline(time.Now().Add(idle))
 		if err := dst.write(src.early); err != nil {
 			return err
 		}
 		src.sent.Add(int64(len(src.early)))
 		r.m.bytes.Add(int64(len(src.early)))
+		p.spend(bucket, int64(len(src.early)))
 		src.early = nil
 	}
 	splice := src.ws == nil && dst.ws == nil && src.tcp != nil && dst.tcp != nil
@@ -1278,7 +1280,6 @@ func (p *transitPair) relayFrom(src, dst *transitConn) error {
 		defer transitBuffers.Put(buf)
 		chunk = int64(len(*buf))
 	}
-	bucket := src.bucket()
 	for {
 		want := chunk
 		if r.cfg.sessionBytes > 0 {
