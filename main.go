@@ -224,7 +224,7 @@ func (srv *server) serve(ctx context.Context, cfg config, log *slog.Logger) erro
 			return err
 		}
 		if cfg.transit.onMailbox {
-			log.Info("transit websocket listening", "hint", fmt.Sprintf("%s://%s/transit", scheme, ln.Addr()))
+			log.Info("transit websocket listening", "url", fmt.Sprintf("%s://%s/transit", scheme, ln.Addr()))
 		}
 	}
 	if mln != nil {

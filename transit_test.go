@@ -860,18 +860,18 @@ func TestTransitShutdown(t *testing.T) {
 }
 
 // TestTransitFlags checks the transit flags through run: the listeners
-// are logged with their hints, and the relay serves.
+// are logged with their addresses, and the relay serves.
 func TestTransitFlags(t *testing.T) {
 	rs := startRun(t, "--transit-port=tcp:0:interface=127.0.0.1", "--transit-websocket=tcp:0:interface=127.0.0.1",
 		"--transit-on-mailbox-port")
 	line := rs.log.waitFor(t, "transit relay listening")
-	hint := line[strings.Index(line, "hint=tcp:")+len("hint=tcp:"):]
-	hint = strings.Fields(hint)[0]
+	addr := line[strings.Index(line, "endpoint=tcp:")+len("endpoint=tcp:"):]
+	addr = strings.Fields(addr)[0]
 	rs.log.waitFor(t, "transit websocket listening", "/transit")
 	tok := testToken()
 	conns := make([]net.Conn, 2)
 	for i, side := range []string{side1, side2} {
-		c, err := net.Dial("tcp", hint)
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
