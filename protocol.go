@@ -458,9 +458,9 @@ func (s *session) fail(e protocolError, msg clientMessage) {
 
 // dispatchLocked runs a message whose type is known, in the order of
 // PROTOCOL.md §4.2: ping and bind first, bound or not; then every other
-// type needs a bind; then a change is refused while the journal is
-// unwritable; then the type's own handler, which makes its own checks.
-// A type it does not know is an error.
+// type needs a bind; then (this server only) a change is refused while
+// the journal is unwritable; then the type's own handler, which makes its
+// own checks. A type it does not know is an error.
 func (s *session) dispatchLocked(msg clientMessage, now float64) error {
 	typ := msg.typ()
 	switch typ {
