@@ -8,6 +8,7 @@ package main
 import (
 	"crypto/tls"
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -466,7 +467,7 @@ func tcpConn(c net.Conn) *net.TCPConn {
 }
 
 // connLogsPerSecond bounds the per-connection log lines ("connection
-// opened", "connection closed"): far more than a busy server's real
+// opened", "connection closed", "transit session ended"): far more than a busy server's real
 // clients cause, and under a flood of connections, at most a few
 // hundred bytes a second on the disk the log shares with the journal.
 const connLogsPerSecond = 100
@@ -480,11 +481,18 @@ type logSampler struct {
 	suppressed int       // lines held back since the last said so
 }
 
-// connLog logs a per-connection line, unless connLogsPerSecond are
-// already logged this second; the first line of a later second is
-// preceded by one saying how many were held back.
+// connLog logs a per-connection line through the server's sampler (see
+// logSampler.log).
 func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
-	s := &srv.connLogs
+	srv.connLogs.log(srv.log, logf, msg, args...)
+}
+
+// log logs a per-connection line with logf, unless connLogsPerSecond are
+// already logged this second; the first line of a later second is
+// preceded, on l, by one saying how many were held back. The mailbox's
+// connections and the transit relay's sessions share one sampler, and so
+// one bound.
+func (s *logSampler) log(l *slog.Logger, logf func(string, ...any), msg string, args ...any) {
 	now := time.Now().Truncate(time.Second)
 	s.mu.Lock()
 	if !now.Equal(s.second) {
@@ -500,7 +508,7 @@ func (srv *server) connLog(logf func(string, ...any), msg string, args ...any) {
 	s.suppressed = 0
 	s.mu.Unlock()
 	if suppressed > 0 {
-		srv.log.Info("connection log lines suppressed", "lines", suppressed, "limit_per_second", connLogsPerSecond)
+		l.Info("connection log lines suppressed", "lines", suppressed, "limit_per_second", connLogsPerSecond)
 	}
 	logf(msg, args...)
 }

@@ -641,7 +641,7 @@ func openServer(ctx context.Context, cfg config, log *slog.Logger) (*server, err
 	}
 	srv.reg = newRegistry(cfg.limits, cfg.allowList, nil, usage, m)
 	if cfg.transit.enabled() {
-		srv.transit = newTransitRelay(cfg.transit, log, m, usage, srv.blurLogs, srv.clientAddr)
+		srv.transit = newTransitRelay(cfg.transit, log, m, usage, srv.blurLogs, &srv.connLogs, srv.clientAddr)
 	}
 	m.watch(srv.reg)
 	if cfg.channelDB != ":memory:" {

@@ -463,11 +463,12 @@ func TestLogHasNoMessagesByDefault(t *testing.T) {
 
 // TestBlurUsageLogsNoAddresses checks that with --blur-usage no log line
 // names a client, even in learning mode (whose welcome would), when a
-// connection breaks (a network error names both ends), or when net/http
-// reports a failed TLS handshake.
+// connection breaks (a network error names both ends), when net/http
+// reports a failed TLS handshake, or when a transit connection ends.
 func TestBlurUsageLogsNoAddresses(t *testing.T) {
 	certFile, keyFile, roots := writeCertificate(t, t.TempDir(), 1)
-	s := startRun(t, "--blur-usage=60", "--log-messages", "--tls-cert", certFile, "--tls-key", keyFile)
+	s := startRun(t, "--blur-usage=60", "--log-messages", "--tls-cert", certFile, "--tls-key", keyFile,
+		"--transit-port=tcp:0:interface=127.0.0.1")
 	c, _ := dialTLS(t, s.url, &tls.Config{RootCAs: roots})
 	c.bind("app", "side")
 	c.raw.(*tls.Conn).NetConn().Close() // gone, without a close frame or even a TLS close
@@ -481,6 +482,15 @@ func TestBlurUsageLogsNoAddresses(t *testing.T) {
 	fmt.Fprint(plain, "GET / HTTP/1.1\r\nHost: x\r\n\r\n") // plain HTTP to the TLS port
 	io.ReadAll(plain)
 	s.log.waitFor(t, "TLS handshake failed", "client sent an HTTP request to an HTTPS server")
+
+	line := s.log.waitFor(t, "transit relay listening")
+	relay, err := net.Dial("tcp", strings.Fields(line[strings.Index(line, "endpoint=tcp:")+len("endpoint=tcp:"):])[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	fmt.Fprint(relay, "please relay\n")
+	s.log.waitFor(t, "transit connection ended unpaired", "client=-")
 
 	s.log.waitFor(t, "msg=send", `\"type\": \"welcome\"`)
 	for _, line := range s.log.snapshot() {

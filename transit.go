@@ -354,7 +354,8 @@ type transitRelay struct {
 	log     *slog.Logger
 	usage   *usageLog
 	m       *transitMetrics
-	blurLog bool // log no client addresses
+	blurLog bool        // log no client addresses
+	logs    *logSampler // bounds the sessions' log lines, with the mailbox's connections'
 	addrOf  func(*http.Request) (clientAddr, bool)
 	total   *tokenBucket // --transit-rate; nil: none
 
@@ -384,9 +385,9 @@ type transitAddr struct {
 }
 
 // newTransitRelay makes the relay; start opens its listeners.
-func newTransitRelay(cfg transitConfig, log *slog.Logger, m *metrics, usage *usageLog, blurLog bool,
+func newTransitRelay(cfg transitConfig, log *slog.Logger, m *metrics, usage *usageLog, blurLog bool, logs *logSampler,
 	addrOf func(*http.Request) (clientAddr, bool)) *transitRelay {
-	r := &transitRelay{cfg: cfg, log: log, usage: usage, m: newTransitMetrics(m), blurLog: blurLog, addrOf: addrOf,
+	r := &transitRelay{cfg: cfg, log: log, usage: usage, m: newTransitMetrics(m), blurLog: blurLog, logs: logs, addrOf: addrOf,
 		waiting: make(map[string][]*transitConn), addrs: make(map[netip.Addr]*transitAddr),
 		pairs: make(map[*transitPair]struct{})}
 	if cfg.rate > 0 {
@@ -1122,11 +1123,23 @@ func (c *transitConn) linger() {
 	c.raw.Close()
 }
 
-// record writes the usage record of a connection that never paired, and
-// counts its mood.
+// record writes the usage record of a connection that never paired,
+// counts its mood, and logs it.
 func (r *transitRelay) record(c *transitConn, mood string) {
 	r.m.moods.Add(mood, 1)
-	r.usage.transitSession(unixSeconds(c.started), time.Since(c.started).Seconds(), nil, 0, mood)
+	took := time.Since(c.started)
+	r.usage.transitSession(unixSeconds(c.started), took.Seconds(), nil, 0, mood)
+	r.logs.log(r.log, r.log.Info, "transit connection ended unpaired", "client", r.logAddr(c.addr), "mood", mood,
+		"duration", took.Round(time.Millisecond))
+}
+
+// logAddr is how a client's address appears in the log: not at all with
+// --blur-usage, as for the mailbox's clients.
+func (r *transitRelay) logAddr(a clientAddr) string {
+	if r.blurLog {
+		return "-"
+	}
+	return a.String()
 }
 
 // unixSeconds is t in Unix seconds with a fraction.
@@ -1228,8 +1241,14 @@ func (p *transitPair) record() {
 		begun = p.b.started
 	}
 	waiting := p.b.started.Sub(p.a.started).Abs().Seconds()
-	r.usage.transitSession(unixSeconds(p.firstEnded.started), p.endedAt.Sub(begun).Seconds(), &waiting,
-		p.a.sent.Load()+p.b.sent.Load(), mood)
+	bytes := p.a.sent.Load() + p.b.sent.Load()
+	r.usage.transitSession(unixSeconds(p.firstEnded.started), p.endedAt.Sub(begun).Seconds(), &waiting, bytes, mood)
+	args := []any{"clients", r.logAddr(p.a.addr) + " " + r.logAddr(p.b.addr), "mood", mood, "bytes", bytes,
+		"duration", p.endedAt.Sub(begun).Round(time.Millisecond)}
+	if p.endReason != nil {
+		args = append(args, "reason", p.endReason.Error())
+	}
+	r.logs.log(r.log, r.log.Info, "transit session ended", args...)
 }
 
 // cut ends the pair from the relay's side: both directions are woken and

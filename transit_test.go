@@ -53,7 +53,7 @@ func startTransit(t *testing.T, cfg transitConfig) *testTransit {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := newTransitRelay(cfg, log, m, usage, false, (&server{}).clientAddr)
+	r := newTransitRelay(cfg, log, m, usage, false, &logSampler{}, (&server{}).clientAddr)
 	tt := &testTransit{transitRelay: r, usagePath: path,
 		counts: map[string]int{}, seen: map[string]int{}, changed: make(chan struct{})}
 	r.notify = func(e string) {
@@ -860,7 +860,9 @@ func TestTransitShutdown(t *testing.T) {
 }
 
 // TestTransitFlags checks the transit flags through run: the listeners
-// are logged with their addresses, and the relay serves.
+// are logged with their addresses, and the relay serves; a session's end,
+// and a connection's that never paired, are logged with the clients'
+// addresses.
 func TestTransitFlags(t *testing.T) {
 	rs := startRun(t, "--transit-port=tcp:0:interface=127.0.0.1", "--transit-websocket=tcp:0:interface=127.0.0.1",
 		"--transit-on-mailbox-port")
@@ -880,12 +882,29 @@ func TestTransitFlags(t *testing.T) {
 		io.WriteString(c, newHandshake(tok, side))
 		conns[i] = c
 	}
-	for _, c := range conns {
-		line, err := bufio.NewReader(c).ReadString('\n')
+	readers := make([]*bufio.Reader, 2)
+	for i, c := range conns {
+		readers[i] = bufio.NewReader(c)
+		line, err := readers[i].ReadString('\n')
 		if line != transitOK {
 			t.Fatalf("got %q, %v", line, err)
 		}
 	}
+	io.WriteString(conns[0], "x")
+	if b, err := readers[1].ReadByte(); b != 'x' {
+		t.Fatalf("relayed %q, %v", b, err)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	rs.log.waitFor(t, "transit session ended", `clients="127.0.0.1:`, "mood=happy", "bytes=1 ")
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "please relay\n")
+	rs.log.waitFor(t, "transit connection ended unpaired", "client=127.0.0.1:", "mood=errory")
 	for _, args := range [][]string{{"--transit-max-wait=0"}, {"--transit-rate=-1"}} {
 		if _, err := parseFlags(args, io.Discard, io.Discard); err == nil {
 			t.Errorf("%v accepted", args)
