@@ -467,9 +467,10 @@ func tcpConn(c net.Conn) *net.TCPConn {
 }
 
 // connLogsPerSecond bounds the per-connection log lines ("connection
-// opened", "connection closed", "transit session ended"): far more than a busy server's real
-// clients cause, and under a flood of connections, at most a few
-// hundred bytes a second on the disk the log shares with the journal.
+// opened", "connection closed", and the transit relay's session ends):
+// far more than a busy server's real clients cause, and under a flood of
+// connections, at most a few hundred bytes a second on the disk the log
+// shares with the journal.
 const connLogsPerSecond = 100
 
 // logSampler lets through at most connLogsPerSecond lines a second, and

@@ -838,8 +838,12 @@ func (srv *server) untrack(c *connection) {
 
 // logAddr is how a client's address appears in the log: not at all when
 // usage is blurred.
-func (srv *server) logAddr(a clientAddr) string {
-	if srv.blurLogs {
+func (srv *server) logAddr(a clientAddr) string { return loggedAddr(srv.blurLogs, a) }
+
+// loggedAddr is a client's address as the log shows it: "-" if blur
+// (--blur-usage), for the mailbox's clients and the transit relay's.
+func loggedAddr(blur bool, a clientAddr) string {
+	if blur {
 		return "-"
 	}
 	return a.String()

@@ -1129,17 +1129,8 @@ func (r *transitRelay) record(c *transitConn, mood string) {
 	r.m.moods.Add(mood, 1)
 	took := time.Since(c.started)
 	r.usage.transitSession(unixSeconds(c.started), took.Seconds(), nil, 0, mood)
-	r.logs.log(r.log, r.log.Info, "transit connection ended unpaired", "client", r.logAddr(c.addr), "mood", mood,
+	r.logs.log(r.log, r.log.Info, "transit connection ended unpaired", "client", loggedAddr(r.blurLog, c.addr), "mood", mood,
 		"duration", took.Round(time.Millisecond))
-}
-
-// logAddr is how a client's address appears in the log: not at all with
-// --blur-usage, as for the mailbox's clients.
-func (r *transitRelay) logAddr(a clientAddr) string {
-	if r.blurLog {
-		return "-"
-	}
-	return a.String()
 }
 
 // unixSeconds is t in Unix seconds with a fraction.
@@ -1243,7 +1234,7 @@ func (p *transitPair) record() {
 	waiting := p.b.started.Sub(p.a.started).Abs().Seconds()
 	bytes := p.a.sent.Load() + p.b.sent.Load()
 	r.usage.transitSession(unixSeconds(p.firstEnded.started), p.endedAt.Sub(begun).Seconds(), &waiting, bytes, mood)
-	args := []any{"clients", r.logAddr(p.a.addr) + " " + r.logAddr(p.b.addr), "mood", mood, "bytes", bytes,
+	args := []any{"clients", loggedAddr(r.blurLog, p.a.addr) + " " + loggedAddr(r.blurLog, p.b.addr), "mood", mood, "bytes", bytes,
 		"duration", p.endedAt.Sub(begun).Round(time.Millisecond)}
 	if p.endReason != nil {
 		args = append(args, "reason", p.endReason.Error())
