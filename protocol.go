@@ -435,18 +435,22 @@ func (s *session) handle(raw []byte) error {
 	return nil
 }
 
-// showsRegistry reports whether the error tells the client something of
-// the registry, which may hold changes not yet durable: that a nameplate
-// is taken or released, or that the server or a mailbox is full. Every
-// other refusal is about the message, the connection's own earlier
-// messages, or its address's rate.
+// showsRegistry reports whether the error may tell the client something
+// of the registry, which may hold changes not yet durable: that a
+// nameplate is taken, a mailbox gone, the server or an address full.
+// Only the refusals listed here do not: they are about the message
+// itself, the connection's own earlier messages, its address's rate, or
+// the journal being unwritable, none of which a crash can take back.
+// Any other error waits, as a reply that shows the registry does.
 func (e protocolError) showsRegistry() bool {
 	switch e {
-	case errCrowded, errReclaimed, errNoFreeNameplate, errTooManyNameplates, errTooManyMailboxes,
-		errTooManyMessages, errMailboxFull, errStoreFull, errTooManySubscribers:
-		return true
+	case errMustBind, errUnknownType, errPingRequiresPing, errAlreadyBound, errBindAppID, errBindSide,
+		errGreedy, errClaimNameplate, errOneClaim, errOneRelease, errReleaseMismatch, errReleaseNoClaim,
+		errOneOpen, errOpenMailbox, errMissingPhase, errMissingBody, errOneClose, errCloseMismatch,
+		errCloseNoOpen, errBadNameplate, errBadClientVersion, errRateLimited, errRateLimitedOpen, errCannotSave:
+		return false
 	}
-	return false
+	return true
 }
 
 // fail counts the error and sends it to the client, with the message

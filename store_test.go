@@ -549,9 +549,10 @@ func TestReplayLinesAfterZeros(t *testing.T) {
 // TestReplayNotAJournal checks that a file given as the journal by
 // mistake is refused and left as it is, though a zero byte or the lack of
 // a last newline would have made replay take what follows for a torn
-// write: a compressed backup of a journal, the journal in UTF-16, and a
-// journal whose zeros are followed by bytes no line holds. The zeros alone
-// and a torn line are still dropped (TestReplayTornTail).
+// write: a compressed backup of a journal, the journal in UTF-16, plain
+// text, and a journal whose zeros are followed by bytes no line holds, or
+// by text that does not begin a sector. The zeros alone and a torn line
+// are still dropped (TestReplayTornTail).
 func TestReplayNotAJournal(t *testing.T) {
 	text := journalText(everyKindOfLine...)
 	var gz bytes.Buffer
@@ -562,6 +563,7 @@ func TestReplayNotAJournal(t *testing.T) {
 	for _, c := range []byte(text) {
 		utf16 = append(utf16, c, 0)
 	}
+	toSector := string(make([]byte, 2*sectorBytes-len(text)%sectorBytes)) // zeros to a sector's start after the lines
 	for _, tc := range []struct {
 		name string
 		data []byte
@@ -570,8 +572,10 @@ func TestReplayNotAJournal(t *testing.T) {
 		{"gzip", gz.Bytes(), "byte 0 (0x1f)"},
 		{"UTF-16", utf16, "byte 2 (0x22)"},
 		{"text", []byte("journal backup of Monday\n"), "byte 0 (0x6a)"},
-		{"binary after the zeros", append([]byte(text+string(make([]byte, 4096))), "\x01\x02\x03"...),
-			fmt.Sprintf("byte %d (0x01)", len(text)+4096)},
+		{"binary after the zeros", append([]byte(text+toSector), "\x01\x02\x03"...),
+			fmt.Sprintf("byte %d (0x01)", len(text+toSector))},
+		{"text after the zeros, not at a sector's start", []byte(text + string(make([]byte, 100)) + everyKindOfLine[0][:20]),
+			fmt.Sprintf("byte %d (0x7b)", len(text)+100)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := writeJournal(t, string(tc.data))
@@ -1256,6 +1260,44 @@ func TestSyncPipelined(t *testing.T) {
 	expectAdd("first")
 	release <- struct{}{}
 	expectAdd("during")
+}
+
+// TestRefusalWaitsForWhatItShows holds a sync in flight and checks that a
+// refusal that tells of another connection's change not yet durable (its
+// address holds too many nameplates, because of a claim whose sync is
+// held) waits for that sync, while a refusal about the message itself
+// does not.
+func TestRefusalWaitsForWhatItShows(t *testing.T) {
+	cfg := testConfig()
+	cfg.channelDB = filepath.Join(t.TempDir(), "channel.jsonl")
+	cfg.limits.MaxNameplatesPerAddr = 1
+	ts := startServer(t, cfg)
+	a, _ := ts.dial(t)
+	a.bind("app", "a")
+	b, _ := ts.dial(t) // from the same address
+	b.bind("app", "b")
+
+	started, release := holdSyncs(t, ts.reg.journal)
+	a.send(`{"type": "claim", "nameplate": "5"}`)
+	select {
+	case <-started:
+	case <-time.After(testTimeout):
+		t.Fatal("no sync began for the claim")
+	}
+	b.expectError(`{"type": "bogus"}`, string(errUnknownType))
+	b.send(`{"type": "allocate"}`)
+	b.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	var got []byte
+	if err := websocket.Message.Receive(b.ws, &got); err == nil {
+		t.Fatalf("while the claim's sync was in flight, the other client got %s", got)
+	}
+	release <- struct{}{}
+	if m := b.next(); m.typ() != "ack" {
+		t.Fatalf("after the claim's sync, the other client got %v, want the ack it waited for", m)
+	}
+	if m := b.next(); m.typ() != "error" || m.str("error") != string(errAddrNameplates) {
+		t.Fatalf("after the claim's sync, the other client got %v, want %q", m, errAddrNameplates)
+	}
 }
 
 // TestJournalUnwritable makes the journal fail under a running server and
