@@ -467,7 +467,8 @@ func tcpConn(c net.Conn) *net.TCPConn {
 }
 
 // connLogsPerSecond bounds the per-connection log lines ("connection
-// opened", "connection closed", and the transit relay's session ends):
+// opened", "connection closed", and the transit relay's lines for the
+// ends of its sessions and of connections that never paired):
 // far more than a busy server's real clients cause, and under a flood of
 // connections, at most a few hundred bytes a second on the disk the log
 // shares with the journal.
