@@ -495,7 +495,7 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 	stop := make(chan struct{})
 	var (
 		readErr  error
-		written  int64 // bytes read before the first zero byte
+		zerosAt  int64 // where the first zero byte is; the file's end if there is none
 		zeros    bool  // a zero byte was found
 		leftover int   // bytes after the last newline
 	)
@@ -513,7 +513,7 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 			if i := bytes.IndexByte(buf[len(buf):len(buf)+n], 0); i >= 0 {
 				n, err, zeros = i, io.EOF, true // the zeros written ahead: the lines end here
 			}
-			written += int64(n)
+			zerosAt += int64(n)
 			buf = buf[:len(buf)+n]
 			if end := bytes.LastIndexByte(buf, '\n') + 1; end > 0 {
 				c := &replayChunk{firstLine: line, data: buf[:end], decoded: make(chan struct{})}
@@ -581,7 +581,7 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 	if readErr != nil {
 		return replayEnd{}, journalError(path, readErr)
 	}
-	r.dropped = written - r.good
+	r.dropped = zerosAt - r.good
 	if r.torn == nil && leftover > 0 {
 		r.torn = errors.New("no newline at the end")
 	}
@@ -595,65 +595,60 @@ func replay(ctx context.Context, f *os.File, path string, reg *registry) (replay
 		}
 	}
 	if zeros {
-		after, lineAt, badAt, err := afterZeros(f, written)
+		after, lineAt, err := afterZeros(f, path, zerosAt)
 		switch {
 		case err != nil:
-			return replayEnd{}, journalError(path, err)
-		case badAt >= 0:
-			b := make([]byte, 1)
-			if _, err := f.ReadAt(b, badAt); err != nil {
-				return replayEnd{}, journalError(path, err)
-			}
-			return replayEnd{}, notAJournal(path, badAt, b[0], written)
+			return replayEnd{}, err
 		case lineAt >= 0:
 			return replayEnd{}, fmt.Errorf("journal %s: its lines end at byte %d, where zeros begin, but a whole line follows at byte %d: "+
 				"lines were lost (a damaged disk, or a power cut before a sync). The file is left as it is; to start from the lines "+
-				"before byte %d, keep a copy, then truncate the file there (truncate -s %d %s)", path, written, lineAt, written, written, path)
+				"before byte %d, keep a copy, then truncate the file there (truncate -s %d %s)", path, zerosAt, lineAt, zerosAt, zerosAt, path)
 		case after > 0:
 			r.dropped += after
 			if r.torn == nil {
-				r.torn = fmt.Errorf("zeros at byte %d, then %d bytes that hold no whole line", written, after)
+				r.torn = fmt.Errorf("zeros at byte %d, then %d bytes that hold no whole line", zerosAt, after)
 			}
 		}
 	}
 	return r, nil
 }
 
-// afterZeros reads the journal from the first zero byte, at off, to its
-// end, and returns how many bytes are not zeros; where one of them starts
-// a whole line with a good checksum; and where the first is that the
-// server could not have written (see notWritten). Each is -1 if there is
-// none. Lines hold no zero byte, so what a torn write leaves after the
-// zeros is whole sectors of a batch: each run of bytes begins a sector.
-func afterZeros(f *os.File, off int64) (after, lineAt, badAt int64, err error) {
+// afterZeros reads the journal at path from the first zero byte, at off,
+// to its end, and returns how many bytes are not zeros, and where one of
+// them starts a whole line with a good checksum (-1 if none does). A byte
+// the server could not have written there (see notWritten) is an error
+// that names it. Lines hold no zero byte, so what a torn write leaves
+// after the zeros is whole sectors of a batch: each run of bytes begins a
+// sector.
+func afterZeros(f *os.File, path string, off int64) (after, lineAt int64, err error) {
 	rest, err := io.ReadAll(io.NewSectionReader(f, off, math.MaxInt64-off))
 	if err != nil {
-		return 0, -1, -1, err
+		return 0, -1, journalError(path, err)
 	}
 	for i := 0; i < len(rest); {
 		if rest[i] == 0 {
 			i++
 			continue
 		}
-		if rest[i-1] == 0 && (off+int64(i))%sectorBytes != 0 {
-			return after, -1, off + int64(i), nil // not the start of a sector the disk wrote whole
+		if rest[i-1] == 0 && (off+int64(i))%sectorBytes != 0 { // not the start of a sector the disk wrote whole
+			return 0, -1, notAJournal(path, off+int64(i), rest[i], off)
 		}
 		end := bytes.IndexAny(rest[i:], "\x00\n")
 		if end < 0 {
 			end = len(rest) - i
 		} else if rest[i+end] == '\n' {
 			if checksummed(rest[i : i+end+1]) {
-				return after, off + int64(i), -1, nil
+				return after, off + int64(i), nil
 			}
 			end++ // the newline is dropped with the rest
 		}
 		if at := notWritten(rest[i:i+end], false); at >= 0 {
-			return after, -1, off + int64(i+at), nil
+			return 0, -1, notAJournal(path, off+int64(i+at), rest[i+at], off)
 		}
 		after += int64(end)
 		i += end
 	}
-	return after, -1, -1, nil
+	return after, -1, nil
 }
 
 // sectorBytes is the smallest piece a disk writes whole: a write cut off
