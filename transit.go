@@ -1232,10 +1232,10 @@ func (p *transitPair) record() {
 		begun = p.b.started
 	}
 	waiting := p.b.started.Sub(p.a.started).Abs().Seconds()
-	bytes := p.a.sent.Load() + p.b.sent.Load()
-	r.usage.transitSession(unixSeconds(p.firstEnded.started), p.endedAt.Sub(begun).Seconds(), &waiting, bytes, mood)
+	bytes, took := p.a.sent.Load()+p.b.sent.Load(), p.endedAt.Sub(begun)
+	r.usage.transitSession(unixSeconds(p.firstEnded.started), took.Seconds(), &waiting, bytes, mood)
 	args := []any{"clients", loggedAddr(r.blurLog, p.a.addr) + " " + loggedAddr(r.blurLog, p.b.addr), "mood", mood, "bytes", bytes,
-		"duration", p.endedAt.Sub(begun).Round(time.Millisecond)}
+		"duration", took.Round(time.Millisecond)}
 	if p.endReason != nil {
 		args = append(args, "reason", p.endReason.Error())
 	}
@@ -1277,9 +1277,7 @@ func (p *transitPair) relayFrom(src, dst *transitConn) error {
 		if err := dst.write(src.early); err != nil {
 			return err
 		}
-		src.sent.Add(int64(len(src.early)))
-		r.m.bytes.Add(int64(len(src.early)))
-		p.spend(bucket, int64(len(src.early)))
+		p.moved(src, bucket, int64(len(src.early)))
 		src.early = nil
 	}
 	splice := src.ws == nil && dst.ws == nil && src.tcp != nil && dst.tcp != nil
@@ -1322,9 +1320,7 @@ func (p *transitPair) relayFrom(src, dst *transitConn) error {
 		}
 		if n > 0 {
 			p.touch()
-			src.sent.Add(n)
-			r.m.bytes.Add(n)
-			p.spend(bucket, n)
+			p.moved(src, bucket, n)
 		}
 		switch {
 		case err == nil:
@@ -1383,8 +1379,12 @@ func (p *transitPair) allowance(bucket *tokenBucket) (int64, error) {
 	return n, nil
 }
 
-// spend charges n bytes moved to the session budget and the buckets.
-func (p *transitPair) spend(bucket *tokenBucket, n int64) {
+// moved counts n bytes src's direction has moved, for the usage record
+// and the metrics, and charges them to the session budget and the
+// buckets.
+func (p *transitPair) moved(src *transitConn, bucket *tokenBucket, n int64) {
+	src.sent.Add(n)
+	p.relay.m.bytes.Add(n)
 	if p.relay.cfg.sessionBytes > 0 {
 		p.budget.Add(-n)
 	}
