@@ -1,8 +1,9 @@
 // bench_test.go holds the in-process benchmarks: whole transfers through
 // a real listener (with the journal durable, as in production; with each
 // sync replaced by a wait as long as an idle disk's; and without), and
-// the protocol's handling of one transfer's messages without any network. Side-by-side figures against the reference server
-// come from the load command and scripts/compare-reference.
+// the protocol's handling of one transfer's messages without any
+// network. Side-by-side figures against the reference server come from
+// the load command and scripts/compare-reference.
 package main
 
 import (

@@ -446,11 +446,11 @@ func BenchmarkCompactionLatency(b *testing.B) {
 // beside the journal's in the README.
 func BenchmarkFsync(b *testing.B) {
 	for _, mode := range []struct {
-		name                string
-		overZeros, datasync bool
+		name                 string
+		overZeros, fdatasync bool
 	}{{"append+fsync", false, false}, {"append+fdatasync", false, true}, {"over-zeros+fdatasync", true, true}} {
 		b.Run(mode.name, func(b *testing.B) {
-			waits := lineSyncs(b, b.N, mode.overZeros, mode.datasync)
+			waits := lineSyncs(b, b.N, mode.overZeros, mode.fdatasync)
 			b.StopTimer()
 			b.ReportMetric(float64(waits[len(waits)/2])/1e6, "p50-ms")
 			b.ReportMetric(float64(waits[len(waits)*99/100])/1e6, "p99-ms")

@@ -1184,11 +1184,12 @@ func breakJournal(t testing.TB, srv *server, dir string) (mend func()) {
 	return mend
 }
 
-// holdSyncs makes the journal's syncs wait for the test: each sends on
-// started as it begins, then waits for a value on release (until the
-// test ends).
-func holdSyncs(t *testing.T, s *store) (started, release chan struct{}) {
-	started, release = make(chan struct{}), make(chan struct{})
+// holdSyncs makes the journal's syncs wait for the test: waitStarted
+// returns once a sync has begun (what says for what, if none does), and
+// the sync then waits for a value on release (until the test ends).
+func holdSyncs(t *testing.T, s *store) (waitStarted func(what string), release chan struct{}) {
+	started := make(chan struct{})
+	release = make(chan struct{})
 	ended := make(chan struct{})
 	t.Cleanup(func() { close(ended) }) // before the server's own cleanup, registered earlier
 	s.mu.Lock()
@@ -1204,7 +1205,15 @@ func holdSyncs(t *testing.T, s *store) (started, release chan struct{}) {
 		return datasync(f)
 	}
 	s.mu.Unlock()
-	return started, release
+	waitStarted = func(what string) {
+		t.Helper()
+		select {
+		case <-started:
+		case <-time.After(testTimeout):
+			t.Fatalf("no sync began %s", what)
+		}
+	}
+	return waitStarted, release
 }
 
 // TestSyncPipelined holds a sync in flight and checks that group commit
@@ -1221,15 +1230,7 @@ func TestSyncPipelined(t *testing.T) {
 	a.expect(`{"type": "open", "mailbox": "m"}`)
 
 	// An add journals one line; its sync is held.
-	started, release := holdSyncs(t, ts.reg.journal)
-	waitStarted := func(what string) {
-		t.Helper()
-		select {
-		case <-started:
-		case <-time.After(testTimeout):
-			t.Fatalf("no sync began %s", what)
-		}
-	}
+	waitStarted, release := holdSyncs(t, ts.reg.journal)
 	a.send(`{"type": "add", "phase": "1", "body": "01", "id": "first"}`)
 	waitStarted("for the first add")
 	a.send(`{"type": "add", "phase": "2", "body": "02", "id": "during"}`)
@@ -1277,13 +1278,9 @@ func TestRefusalWaitsForWhatItShows(t *testing.T) {
 	b, _ := ts.dial(t) // from the same address
 	b.bind("app", "b")
 
-	started, release := holdSyncs(t, ts.reg.journal)
+	waitStarted, release := holdSyncs(t, ts.reg.journal)
 	a.send(`{"type": "claim", "nameplate": "5"}`)
-	select {
-	case <-started:
-	case <-time.After(testTimeout):
-		t.Fatal("no sync began for the claim")
-	}
+	waitStarted("for the claim")
 	b.expectError(`{"type": "bogus"}`, string(errUnknownType))
 	b.send(`{"type": "allocate"}`)
 	b.raw.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
